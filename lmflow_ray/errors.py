@@ -1,0 +1,27 @@
+"""Errors meant for people: one line each, shown without a traceback, exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input (recipe, data, flags). The CLI prints ``str(err)`` and exits with 2."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """One or more problems in a dataset, each already formatted as ``file:line: field: problem``."""
+
+    def __init__(self, problems: list[str], total: int | None = None):
+        self.problems = list(problems)
+        self.total = len(self.problems) if total is None else total
+        super().__init__(self.render())
+
+    def render(self, limit: int = 20) -> str:
+        lines = self.problems[:limit]
+        if self.total > len(lines):
+            lines.append(f"... and {self.total - len(lines)} more problem(s)")
+        return "\n".join(lines)
+
+    def __reduce__(self):  # survives pickling through Ray tasks
+        return (DataError, (self.problems, self.total))
