@@ -1,0 +1,267 @@
+"""`lmflow-ray <verb> [RECIPE.yaml] [key=value | --key value ...]`.
+
+Verbs so far: data (validate / preview / stats), model (prepare-default), recipe (show the merged
+recipe). Bad input prints one line per problem and exits with 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from lmflow_ray.errors import UserError
+
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
+
+
+def _looks_like_path(arg: str) -> bool:
+    return not arg.startswith("-") and "=" not in arg
+
+
+def _split(extras: list[str]) -> tuple[str | None, list[str]]:
+    """(recipe or path, overrides) from what argparse did not know."""
+    if extras and _looks_like_path(extras[0]):
+        return extras[0], extras[1:]
+    return None, extras
+
+
+def _is_recipe(path: str) -> bool:
+    return path.lower().endswith((".yaml", ".yml"))
+
+
+def _recipe(path: str | None, overrides: list[str]):
+    from lmflow_ray.config import load_recipe
+
+    if path is not None and not _is_recipe(path):
+        raise UserError(f"{path}: expected a recipe file (.yaml); LMFlow flags such as --dataset_path work without one")
+    return load_recipe(path, overrides)
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def cmd_data_validate(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.data.sources import validate
+    from lmflow_ray.storage import S3Options
+
+    target, overrides = _split(extras)
+    if target is not None and not _is_recipe(target):
+        if overrides:
+            raise UserError(f"overrides need a recipe: {' '.join(overrides)}")
+        dataset, good, _ = validate(target, S3Options.resolve())
+        _say_ok(dataset, good)
+        return 0
+    recipe = _recipe(target, overrides)
+    paths = [p for p in (recipe.data.dataset_path, recipe.data.eval_dataset_path) if p]
+    if not paths:
+        raise UserError("data.dataset_path: required (a file or folder, local or s3://)")
+    from lmflow_ray.data.pipeline import check_spec, encode, Spec
+    from lmflow_ray.data.sources import read_shard
+
+    for path in paths:
+        dataset, good, _ = validate(path, S3Options.resolve(recipe.storage))
+        spec = Spec.from_recipe(recipe, dataset.kind)
+        check_spec(spec)
+        first = next(r.instance for r in read_shard(dataset.shards[0], dataset.s3) if r.instance)
+        encode([first], spec, "chosen" if dataset.kind == "paired_conversation" else None)  # template fits the data
+        _say_ok(dataset, good)
+    return 0
+
+
+def _say_ok(dataset: Any, good: int) -> None:
+    files = dataset.files
+    where = files[0] if len(files) == 1 else f"{len(files)} files"
+    print(f"ok: {dataset.uri}: {good:,} {dataset.kind} instances ({where})")
+
+
+def cmd_data_preview(args: argparse.Namespace, extras: list[str]) -> int:
+    import numpy as np
+
+    from lmflow_ray.data.pipeline import _tools, plan
+    from lmflow_ray.data.sources import read_shard
+    from lmflow_ray.data.tokenize import render, trained_mask
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    source, spec = plan(recipe)
+    tokenizer, template, with_bos = _tools(spec)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    shown = 0
+    for shard in source.shards:
+        for rec in read_shard(shard, source.s3):
+            if rec.problem:
+                raise UserError(rec.message())
+            convs = [(side, rec.instance[side]) for side in ("chosen", "rejected")] if spec.kind == "paired_conversation" else [(None, rec.instance)]
+            for side, inst in convs:
+                rendered = render("conversation" if side else spec.kind, inst, tokenizer, template, with_bos)
+                enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+                offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+                mask = np.ones(len(offsets), bool) if spec.train_on_prompt else trained_mask(offsets, rendered.spans)
+                n, trained = len(offsets), int(mask[: spec.block_size].sum())
+                cut = int(offsets[spec.block_size - 1, 1]) if n > spec.block_size else None
+                label = f" ({side})" if side else ""
+                header = f"── sample {shown + 1}{label} · {rec.where} · {n} tokens, {trained} trained"
+                header += f", cut at block_size={spec.block_size}" if cut is not None else ""
+                if args.raw:
+                    print(header + " ──", file=sys.stderr)
+                    sys.stdout.write(rendered.text + "\n")
+                    continue
+                print(header + " ──")
+                print(_marked(rendered.text, offsets[mask], cut, color))
+                print()
+            shown += 1
+            if shown >= args.n:
+                if not args.raw:
+                    legend = "green" if color else f"{TRAINED_OPEN}like this{TRAINED_CLOSE}"
+                    print(f"(trained tokens are shown {legend}; template: {template.name if template else 'none'})")
+                return 0
+    return 0
+
+
+def _marked(text: str, trained_offsets: Any, cut: int | None, color: bool) -> str:
+    """The rendered text with trained character ranges marked, and the block_size cut shown."""
+    marks = [False] * len(text)
+    for a, b in trained_offsets:
+        for i in range(int(a), int(b)):
+            marks[i] = True
+    open_, close = ("\033[32m", "\033[0m") if color else (TRAINED_OPEN, TRAINED_CLOSE)
+    out, inside = [], False
+    for i, ch in enumerate(text):
+        if cut is not None and i == cut:
+            out.append(close if inside else "")
+            out.append(f"\n✂ ---- truncated here (block_size) ----\n")
+            inside = False
+            out.append(text[i:])
+            return "".join(out)
+        if marks[i] != inside:
+            out.append(open_ if marks[i] else close)
+            inside = marks[i]
+        out.append(ch)
+    if inside:
+        out.append(close)
+    return "".join(out)
+
+
+def cmd_data_stats(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.data.pipeline import dataset_stats
+    from lmflow_ray.ray_init import connect
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    connect(args.address)
+    stats = dataset_stats(recipe)
+    stats["dataset"] = recipe.data.dataset_path
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    print(_stats_table(stats))
+    return 0
+
+
+def _stats_table(s: dict[str, Any]) -> str:
+    share = s["trained_tokens"] / s["tokens"] if s["tokens"] else 0.0
+    lines = [
+        f"dataset          {s['dataset']} ({s['type']})",
+        f"samples          {s['samples']:,}",
+        f"tokens           {s['tokens']:,} (trained {s['trained_tokens']:,} = {share:.1%})",
+        f"truncated        {s['truncated_share']:.1%} of samples at block_size={s['block_size']}"
+        f" ({s['samples_with_nothing_to_learn']} left with nothing to learn)",
+        "",
+        f"{'layout':<30}{'rows':>10}{'efficiency':>12}",
+        f"{'packing (lmflow-ray)':<30}{s['rows_packed']:>10,}{s['packing_efficiency']:>12.3f}",
+        f"{'pad-to-block (LMFlow)':<30}{s['rows_pad_to_block']:>10,}{s['pad_to_block_efficiency']:>12.3f}",
+        "",
+        "efficiency = real tokens / (rows x block_size)",
+    ]
+    return "\n".join(lines)
+
+
+# ---- model / recipe --------------------------------------------------------------------------
+
+
+def cmd_model_prepare_default(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.embedded import prepare_default_model
+
+    if extras:
+        raise UserError(f"model prepare-default takes no arguments (got {' '.join(extras)})")
+    path = prepare_default_model(force=args.force, log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.config import recipe_to_yaml
+
+    target, overrides = _split(extras)
+    print(recipe_to_yaml(_recipe(target, overrides)), end="")
+    return 0
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmflow-ray",
+        description="Fine-tune, evaluate and serve LLMs on Ray. Recipes are YAML; any key can be "
+        "overridden as key=value, section.key=value or --key value (LMFlow's flag names).",
+        allow_abbrev=False,
+    )
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    data = verbs.add_parser("data", help="check, look at and measure a dataset", allow_abbrev=False)
+    data_verbs = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    v = data_verbs.add_parser("validate", help="check every instance: PATH|RECIPE [overrides]", allow_abbrev=False)
+    v.set_defaults(func=cmd_data_validate)
+    pv = data_verbs.add_parser("preview", help="render samples with the trained spans marked: RECIPE [overrides]", allow_abbrev=False)
+    pv.add_argument("--n", type=int, default=3, help="how many samples (default 3)")
+    pv.add_argument("--raw", action="store_true", help="print the exact rendered strings")
+    pv.set_defaults(func=cmd_data_preview)
+    st = data_verbs.add_parser("stats", help="samples, tokens, truncation, packing efficiency: RECIPE [overrides]", allow_abbrev=False)
+    st.add_argument("--address", default=None, help="a Ray cluster to use (default: RAY_ADDRESS, else a private local one)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.set_defaults(func=cmd_data_stats)
+
+    model = verbs.add_parser("model", help="models", allow_abbrev=False)
+    model_verbs = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pd = model_verbs.add_parser("prepare-default", help="convert the embedded SmolLM2-135M-Instruct once", allow_abbrev=False)
+    pd.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    pd.set_defaults(func=cmd_model_prepare_default)
+
+    r = verbs.add_parser("recipe", help="print a recipe with defaults and overrides applied: [RECIPE] [overrides]", allow_abbrev=False)
+    r.set_defaults(func=cmd_recipe)
+    return p
+
+
+def _report(err: UserError) -> None:
+    """Dataset problems already start with file:line; other errors get an `error:` prefix."""
+    from lmflow_ray.errors import DataError
+
+    print(str(err) if isinstance(err, DataError) else f"error: {err}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extras)
+    except UserError as err:
+        _report(err)
+        return err.exit_code
+    except Exception as err:  # a Ray task may carry our UserError inside its own exception types
+        from lmflow_ray.data.pipeline import unwrap_user_error
+
+        inner = unwrap_user_error(err)
+        if inner is None:
+            raise
+        _report(inner)
+        return inner.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -184,12 +184,25 @@ def check_type_name(value: Any) -> str:
 
 @dataclass
 class Record:
-    """One validated instance, or the problem that stopped it."""
+    """One validated instance, or the problem that stopped it, with where it came from."""
 
-    where: str  # "path:line" or "path:row N"
+    path: str
+    line: int | None = None  # 1-based line (JSON, JSONL)
+    row: int | None = None  # 0-based row (parquet)
     kind: str | None = None
     instance: dict[str, Any] | None = None
     problem: str | None = None  # "field: problem", without the location
+
+    @property
+    def where(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}"
+        if self.row is not None:
+            return f"{self.path}:row {self.row}"
+        return self.path
+
+    def message(self) -> str:
+        return f"{self.where}: {self.problem}"
 
 
 def line_of(data: bytes | str, offset: int) -> int:
@@ -202,11 +215,11 @@ def decode_utf8(path: str, data: bytes, base_line: int = 1) -> str | Record:
     except UnicodeDecodeError as err:
         line = base_line + line_of(data, err.start) - 1
         col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        return Record(f"{path}:{line}", problem=f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {col})")
+        return Record(path, line, problem=f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {col})")
 
 
 def _json_error(path: str, err: json.JSONDecodeError, base_line: int = 1) -> Record:
-    return Record(f"{path}:{base_line + err.lineno - 1}", problem=f"not valid JSON: {err.msg} (column {err.colno})")
+    return Record(path, base_line + err.lineno - 1, problem=f"not valid JSON: {err.msg} (column {err.colno})")
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -263,32 +276,32 @@ def records_from_json(path: str, data: bytes) -> Iterator[Record]:
     if isinstance(doc, list):
         typer = RowTyper()
         for offset, row in _array_items(text, _skip_ws(text, 0)):
-            yield typer.check(f"{path}:{line_of(text, offset)}", row)
+            yield typer.check(Record(path, line_of(text, offset)), row)
         return
     if not isinstance(doc, dict):
-        yield Record(f"{path}:1", problem=f'expected an object {{"type": ..., "instances": [...]}}, got {_kind(doc)}')
+        yield Record(path, 1, problem=f'expected an object {{"type": ..., "instances": [...]}}, got {_kind(doc)}')
         return
     if "type" not in doc:
-        yield Record(f"{path}:1", problem=f'type: missing (expected {{"type": one of {", ".join(TYPES)}, "instances": [...]}}){_typo_hint(doc, "type")}')
+        yield Record(path, 1, problem=f'type: missing (expected {{"type": one of {", ".join(TYPES)}, "instances": [...]}}){_typo_hint(doc, "type")}')
         return
     try:
         kind = check_type_name(doc["type"])
     except Invalid as err:
-        yield Record(f"{path}:{_key_line(text, 'type')}", problem=str(err))
+        yield Record(path, _key_line(text, "type"), problem=str(err))
         return
     instances = doc.get("instances")
     if not isinstance(instances, list):
         problem = "missing" + _typo_hint(doc, "instances") if "instances" not in doc else f"expected a list, got {_kind(instances)}"
-        yield Record(f"{path}:{_key_line(text, 'instances')}", problem=f"instances: {problem}")
+        yield Record(path, _key_line(text, "instances"), problem=f"instances: {problem}")
         return
     offsets = _instance_offsets(text) or [0] * len(instances)
     for index, (offset, row) in enumerate(zip(offsets, instances)):
-        where = f"{path}:{line_of(text, offset)}"
+        line = line_of(text, offset)
         try:
-            yield Record(where, kind, check_instance(kind, row))
+            yield Record(path, line, kind=kind, instance=check_instance(kind, row))
         except Invalid as err:
             field = f"instances[{index}].{err.field}" if err.field else f"instances[{index}]"
-            yield Record(where, kind, problem=f"{field}: {err.problem}")
+            yield Record(path, line, kind=kind, problem=f"{field}: {err.problem}")
 
 
 def _key_line(text: str, key: str) -> int:
@@ -303,19 +316,21 @@ class RowTyper:
         self.kind = kind
         self.first_where = ""
 
-    def check(self, where: str, row: Any) -> Record:
+    def check(self, at: Record, row: Any) -> Record:
+        """Fill ``at`` (a Record holding only the location) with the checked instance or problem."""
         try:
             if not isinstance(row, dict):
                 raise Invalid("", f"expected an object (one instance per row), got {_kind(row)}")
             row_kind = infer_type(row)
             if not self.kind:
-                self.kind, self.first_where = row_kind, where
+                self.kind, self.first_where = row_kind, at.where
             elif row_kind != self.kind:
                 first = self.first_where or "the dataset"
                 raise Invalid("", f"a {row_kind} instance, but {first} is {self.kind}: one dataset has one type")
-            return Record(where, self.kind, check_instance(self.kind, row))
+            at.kind, at.instance = self.kind, check_instance(self.kind, row)
         except Invalid as err:
-            return Record(where, self.kind or None, problem=str(err))
+            at.kind, at.problem = self.kind or None, str(err)
+        return at
 
 
 def records_from_jsonl(path: str, data: bytes, first_line: int = 1, kind: str = "") -> Iterator[Record]:
@@ -334,11 +349,11 @@ def records_from_jsonl(path: str, data: bytes, first_line: int = 1, kind: str = 
         except json.JSONDecodeError as err:
             yield _json_error(path, err, line)
             continue
-        yield typer.check(f"{path}:{line}", row)
+        yield typer.check(Record(path, line), row)
 
 
 def records_from_table(path: str, rows: list[dict[str, Any]], first_row: int = 0, kind: str = "") -> Iterator[Record]:
     """Parquet rows (row numbers are 0-based, as pandas and pyarrow count them)."""
     typer = RowTyper(kind)
     for i, row in enumerate(rows):
-        yield typer.check(f"{path}:row {first_row + i}", {k: v for k, v in row.items() if v is not None})
+        yield typer.check(Record(path, row=first_row + i), {k: v for k, v in row.items() if v is not None})

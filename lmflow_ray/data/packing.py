@@ -22,8 +22,10 @@ class Row:
     input_ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    truncated: int = 0  # samples in this row that were cut at block_size
 
     def add(self, sample: Encoded) -> None:
+        self.truncated += sample.truncated
         self.input_ids += sample.input_ids
         # The first token of a sample is never predicted from the previous sample.
         self.labels += [IGNORE_INDEX] + sample.labels[1:]

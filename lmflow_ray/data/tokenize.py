@@ -6,12 +6,15 @@ equal the official chat template's), and a token is trained when it overlaps a t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lmflow_ray.data.templates import Rendered, Template
+from lmflow_ray.embedded import resolve_model_path
+from lmflow_ray.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -25,6 +28,22 @@ class Encoded:
     @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer (cached per process); `default` is the embedded model."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model.model_name_or_path: cannot load a tokenizer from {model_name_or_path!r} ({first})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"model.model_name_or_path: {model_name_or_path!r} has no fast tokenizer (tokenizer.json); lmflow-ray needs one for exact label masks")
+    return tokenizer
 
 
 def trained_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:

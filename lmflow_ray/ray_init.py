@@ -1,0 +1,41 @@
+"""Join the Ray cluster the user points at, or start a private local one for this command.
+
+An address comes from ``--address`` or RAY_ADDRESS (set by ``ray job submit``). Without one the
+command starts its own single-node cluster on loopback and stops it when it exits.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Worker processes inherit these: without them glibc page-faults element-wise ops 50x slower here.
+WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """ray.init once per process, with a runtime env that every worker gets."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Only a private local cluster: keep every socket on 127.0.0.1 (must be set before import).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=not quiet, configure_logging=True,
+                  logging_level="ERROR" if quiet else "INFO")
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ray.init(
+        address="local",
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=False,
+        object_store_memory=int(min(2 << 30, total * 0.15)),
+        **kwargs,
+    )
