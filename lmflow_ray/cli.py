@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from lmflow_ray.errors import UserError
+from lmflow_ray.errors import DataError, UserError, unwrap_user_error
 
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
@@ -146,13 +146,20 @@ def _marked(text: str, trained_offsets: Any, cut: int | None, color: bool) -> st
 
 
 def cmd_data_stats(args: argparse.Namespace, extras: list[str]) -> int:
+    import time
+
     from lmflow_ray.data.pipeline import dataset_stats
-    from lmflow_ray.ray_init import connect
+    from lmflow_ray.ray_init import connect, quiet_data_logs
 
     target, overrides = _split(extras)
     recipe = _recipe(target, overrides)
+    print("starting Ray ...", file=sys.stderr)
     connect(args.address)
+    quiet_data_logs()
+    started = time.time()
+    print(f"reading, templating, tokenizing and packing {recipe.data.dataset_path} on Ray ...", file=sys.stderr)
     stats = dataset_stats(recipe)
+    print(f"done in {time.time() - started:.1f} s", file=sys.stderr)
     stats["dataset"] = recipe.data.dataset_path
     if args.json:
         print(json.dumps(stats, indent=1))
@@ -238,8 +245,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _report(err: UserError) -> None:
     """Dataset problems already start with file:line; other errors get an `error:` prefix."""
-    from lmflow_ray.errors import DataError
-
     print(str(err) if isinstance(err, DataError) else f"error: {err}", file=sys.stderr)
 
 
@@ -248,19 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     try:
         return args.func(args, extras)
-    except UserError as err:
-        _report(err)
-        return err.exit_code
-    except Exception as err:  # a Ray task may carry our UserError inside its own exception types
-        from lmflow_ray.data.pipeline import unwrap_user_error
-
-        inner = unwrap_user_error(err)
-        if inner is None:
-            raise
-        _report(inner)
-        return inner.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        user_error = unwrap_user_error(err)
+        if user_error is None:
+            raise
+        _report(user_error)
+        return user_error.exit_code
 
 
 if __name__ == "__main__":

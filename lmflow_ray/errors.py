@@ -25,3 +25,23 @@ class DataError(UserError):
 
     def __reduce__(self):  # survives pickling through Ray tasks
         return (DataError, (self.problems, self.total))
+
+
+def unwrap_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind ``err``, found through wrappers such as Ray's RayTaskError. Ray makes
+    that wrapper an instance of the cause's class too, so ``.cause`` is followed before isinstance."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+            continue
+        if isinstance(e, UserError):
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None

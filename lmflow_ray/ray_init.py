@@ -39,3 +39,12 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         object_store_memory=int(min(2 << 30, total * 0.15)),
         **kwargs,
     )
+
+
+def quiet_data_logs() -> None:
+    """Ray Data logs every failed task's traceback itself; the CLI reports the cause in one line."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures its loggers on import; override after)
+
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)

@@ -1,6 +1,68 @@
+"""Shared real parts: one local Ray cluster and one SeaweedFS S3 server per test session."""
+
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+# Before Ray is imported anywhere: every Ray socket on 127.0.0.1, fast allocator in workers.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "17179869184")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from lmflow_ray.ray_init import WORKER_ENV
+
+    temp = tempfile.mkdtemp(prefix="lr-ray-")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=384 << 20,
+             _temp_dir=temp, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    from lmflow_ray.ray_init import quiet_data_logs
+
+    quiet_data_logs()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer (ChatML template) that Ray workers can load by path."""
+    from tiny import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    chatml = (Path(__file__).parent / "fixtures" / "chat_templates" / "chatml.jinja").read_text()
+    tok = tiny_tokenizer(chat_template=chatml)
+    tok.save_pretrained(folder)
+    tiny_llama(len(tok)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def repo_python():
+    """Run `python ARGS...` from the repository root, as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    def run(*args, timeout=600, env=None):
+        return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, **(env or {})})
+
+    return run

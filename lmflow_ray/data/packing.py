@@ -90,3 +90,12 @@ def collate(rows: list[dict], pad_token_id: int, pad_to: int | None = None) -> d
             [np.arange(length) for length in row["lengths"]] + [np.arange(width - size)]
         )
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def collate_columns(batch: dict, pad_token_id: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """``collate`` for a columnar batch as Ray Data hands it out (``iter_batches`` / ``iter_torch_batches``)."""
+    rows = [
+        {"input_ids": ids, "labels": labels, "lengths": lengths}
+        for ids, labels, lengths in zip(batch["input_ids"], batch["labels"], batch["lengths"])
+    ]
+    return collate(rows, pad_token_id, pad_to)

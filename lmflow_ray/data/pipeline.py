@@ -122,7 +122,7 @@ class ReadShards:
                         yield {"instance": out}
                         out = []
             if problems:
-                raise DataError(problems + ["(run `lmflow-ray data validate` to list every problem)"])
+                raise DataError(problems)
             if out:
                 yield {"instance": out}
 
@@ -162,21 +162,6 @@ def build_dataset(recipe: Recipe, path: str | None = None):
     """The recipe's dataset as token rows, ready for ray.train.get_dataset_shard."""
     source, spec = plan(recipe, path)
     return to_ray(source, spec, recipe.data.preprocessing_batch_size)
-
-
-def unwrap_user_error(err: BaseException) -> UserError | None:
-    """The UserError a Ray task raised, found through Ray's exception wrappers."""
-    seen = set()
-    stack = [err]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
 
 
 def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:

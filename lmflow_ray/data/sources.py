@@ -169,9 +169,10 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-def open_dataset(uri: str, s3: S3Options | None = None, shard_bytes: int = SHARD_BYTES) -> Dataset:
+def open_dataset(uri: str, s3: S3Options | None = None, shard_bytes: int | None = None) -> Dataset:
     """List, type-check and shard a dataset; no instance is read yet (only file headers)."""
     s3 = s3 or S3Options.resolve()
+    shard_bytes = shard_bytes or SHARD_BYTES
     fs, root = filesystem(uri, s3)
     files = list_files(uri, fs, root)
     shards: list[Shard] = []
