@@ -1,0 +1,77 @@
+"""The typed recipe: YAML + overrides + LMFlow flags; errors name the file, line and key."""
+
+import pytest
+
+from lmflow_ray.config import FIELD_SECTION, SECTIONS, load_recipe, parse_overrides
+from lmflow_ray.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_then_overrides_in_every_spelling(tmp_path):
+    path = write(tmp_path, "model:\n  model_name_or_path: default\ndata:\n  block_size: 256\n  dataset_path: d\n")
+    r = load_recipe(path, ["data.block_size=512", "--use_lora", "1", "--lora_target_modules", "q_proj,v_proj",
+                           "lora_r=16", "--conversation_template=llama3"])
+    assert r.data.block_size == 512
+    assert r.model.use_lora is True and r.model.lora_r == 16
+    assert r.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert r.data.conversation_template == "llama3"
+    assert r.data.dataset_path == "d"
+
+
+def test_lmflow_style_flat_yaml_and_hf_aliases(tmp_path):
+    path = write(tmp_path, "model_name_or_path: some/model\ndataset_path: data/x\nuse_lora: true\n")
+    r = load_recipe(path, ["--output_dir", "s3://bucket/run", "--model_max_length", "2048"])
+    assert (r.model.model_name_or_path, r.data.dataset_path, r.model.use_lora) == ("some/model", "data/x", True)
+    assert r.storage.output_model_path == "s3://bucket/run" and r.data.block_size == 2048
+
+
+def test_unknown_key_names_file_line_and_the_closest_key(tmp_path):
+    path = write(tmp_path, "data:\n  dataset_path: x\n  block_sise: 512\n")
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}:3: data.block_sise: unknown key; did you mean data.block_size?"
+
+
+def test_unknown_override_suggests_across_sections():
+    with pytest.raises(UserError, match=r"override 'lora_rank=4': lora_rank: unknown key; did you mean model.lora_r"):
+        load_recipe(None, ["lora_rank=4"])
+    with pytest.raises(UserError, match="did you mean data"):
+        load_recipe(None, ["dat.block_size=3"])
+
+
+def test_wrong_type_names_the_key_and_line(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rate: fast\n")
+    with pytest.raises(UserError, match=rf"^{path}:2: train.learning_rate: Input should be a valid number"):
+        load_recipe(path)
+    with pytest.raises(UserError, match=r"override 'block_size=4': data.block_size: Input should be greater than or equal to 8"):
+        load_recipe(None, ["block_size=4"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"recipe.yaml:\d+: not valid YAML"):
+        load_recipe(write(tmp_path, "data:\n  - [unclosed\n"))
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_field_names_are_unique_across_sections():
+    total = sum(len(cls.model_fields) for cls in SECTIONS.values())
+    assert len(FIELD_SECTION) == total  # so a flat LMFlow flag always means one thing
+
+
+def test_bare_flag_means_true_and_values_are_yaml():
+    assert parse_overrides(["--use_lora", "--block_size", "64", "x=[1, 2]"]) == [
+        ("--use_lora", True, "--use_lora true"), ("--block_size", 64, "--block_size 64"), ("x", [1, 2], "x=[1, 2]")]
+
+
+def test_cli_recipe_prints_the_merged_recipe_and_fails_cleanly(repo_python):
+    ok = repo_python("-m", "lmflow_ray.cli", "recipe", "jobs/demo_lora.yaml", "--lora_r", "4")
+    assert ok.returncode == 0 and "lora_r: 4" in ok.stdout
+    bad = repo_python("-m", "lmflow_ray.cli", "recipe", "jobs/demo_lora.yaml", "lora_alpah=3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "error: override 'lora_alpah=3': lora_alpah: unknown key; did you mean model.lora_alpha?"
