@@ -7,6 +7,7 @@ PIP    := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
 
 .PHONY: install model demo test clean
 

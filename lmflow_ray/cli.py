@@ -80,14 +80,14 @@ def _say_ok(dataset: Any, good: int) -> None:
 def cmd_data_preview(args: argparse.Namespace, extras: list[str]) -> int:
     import numpy as np
 
-    from lmflow_ray.data.pipeline import _tools, plan
+    from lmflow_ray.data.pipeline import tools_for, plan
     from lmflow_ray.data.sources import read_shard
     from lmflow_ray.data.tokenize import render, trained_mask
 
     target, overrides = _split(extras)
     recipe = _recipe(target, overrides)
     source, spec = plan(recipe)
-    tokenizer, template, with_bos = _tools(spec)
+    tokenizer, template, with_bos = tools_for(spec)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     shown = 0
     for shard in source.shards:

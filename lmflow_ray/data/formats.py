@@ -209,6 +209,18 @@ def line_of(data: bytes | str, offset: int) -> int:
     return data.count(b"\n" if isinstance(data, bytes) else "\n", 0, offset) + 1
 
 
+class LineCounter:
+    """Line numbers for increasing offsets into one text, counting each newline once."""
+
+    def __init__(self, text: str):
+        self.text, self.offset, self.line = text, 0, 1
+
+    def at(self, offset: int) -> int:
+        self.line += self.text.count("\n", self.offset, offset)
+        self.offset = offset
+        return self.line
+
+
 def decode_utf8(path: str, data: bytes, base_line: int = 1) -> str | Record:
     try:
         return data.decode("utf-8")
@@ -262,21 +274,35 @@ def _instance_offsets(text: str) -> list[int] | None:
     return None
 
 
-def records_from_json(path: str, data: bytes) -> Iterator[Record]:
-    """A whole .json file: ``{"type", "instances"}`` or an array of instances."""
+def _part(n: int, part: tuple[int, int]) -> range:
+    """Instance indexes of part i of k (contiguous, near-equal)."""
+    i, k = part
+    return range(i * n // k, (i + 1) * n // k)
+
+
+def records_from_json(path: str, data: bytes, part: tuple[int, int] = (0, 1), kind: str = "") -> Iterator[Record]:
+    """A .json file: ``{"type", "instances"}`` or an array of instances; ``part`` = (i, k) reads the
+    i-th of k slices of the instances (file-level problems are reported by part 0 only); ``kind``,
+    when known, is the type an array's rows must have."""
+    first = part[0] == 0
     text = decode_utf8(path, data)
     if isinstance(text, Record):
-        yield text
+        yield from [text] if first else []
         return
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
-        yield _json_error(path, err)
+        yield from [_json_error(path, err)] if first else []
         return
     if isinstance(doc, list):
-        typer = RowTyper()
-        for offset, row in _array_items(text, _skip_ws(text, 0)):
-            yield typer.check(Record(path, line_of(text, offset)), row)
+        typer, lines = RowTyper(kind), LineCounter(text)
+        offsets = [o for o, _ in _array_items(text, _skip_ws(text, 0))]
+        for index in _part(len(doc), part):
+            yield typer.check(Record(path, lines.at(offsets[index])), doc[index])
+        return
+    if not first:
+        if isinstance(doc, dict) and isinstance(doc.get("instances"), list) and doc.get("type") in TYPES:
+            yield from _lmflow_instances(path, text, doc["type"], doc["instances"], part)
         return
     if not isinstance(doc, dict):
         yield Record(path, 1, problem=f'expected an object {{"type": ..., "instances": [...]}}, got {_kind(doc)}')
@@ -294,9 +320,15 @@ def records_from_json(path: str, data: bytes) -> Iterator[Record]:
         problem = "missing" + _typo_hint(doc, "instances") if "instances" not in doc else f"expected a list, got {_kind(instances)}"
         yield Record(path, _key_line(text, "instances"), problem=f"instances: {problem}")
         return
+    yield from _lmflow_instances(path, text, kind, instances, part)
+
+
+def _lmflow_instances(path: str, text: str, kind: str, instances: list, part: tuple[int, int]) -> Iterator[Record]:
     offsets = _instance_offsets(text) or [0] * len(instances)
-    for index, (offset, row) in enumerate(zip(offsets, instances)):
-        line = line_of(text, offset)
+    lines = LineCounter(text)
+    for index in _part(len(instances), part):
+        row = instances[index]
+        line = lines.at(offsets[index])
         try:
             yield Record(path, line, kind=kind, instance=check_instance(kind, row))
         except Invalid as err:

@@ -1,6 +1,6 @@
 """The Ray Data pipeline: read -> validate -> template + tokenize -> pack, ready for
-``ray.train.get_dataset_shard``. Reading and tokenizing run as map tasks on every node (Ray fuses
-the two stages), so no rank tokenizes while the others wait.
+``ray.train.get_dataset_shard``. Each shard of the input is one map task, run in parallel on every
+node of the cluster, so no training rank tokenizes while the others wait.
 
 The batch functions here are pure and also serve `data preview` and the tests without Ray.
 """
@@ -25,6 +25,7 @@ from lmflow_ray.errors import DataError, UserError
 from lmflow_ray.storage import S3Options
 
 MAX_PROBLEMS_PER_SHARD = 20
+OUTPUT_BLOCK_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Spec:
 
 
 @functools.lru_cache(maxsize=8)
-def _tools(spec: Spec):
+def tools_for(spec: Spec):
     """Tokenizer, template and bos rule for a spec, once per worker process."""
     tokenizer = load_tokenizer(spec.model_name_or_path, spec.trust_remote_code)
     needs_template = spec.kind in ("conversation", "paired_conversation")
@@ -63,11 +64,11 @@ def _tools(spec: Spec):
 
 def check_spec(spec: Spec) -> None:
     """Fail early, in the driver, on a bad model / template (rather than inside a Ray task)."""
-    _tools(spec)
+    tools_for(spec)
 
 
 def encode(instances: list[dict[str, Any]], spec: Spec, side: str | None = None) -> list[Encoded]:
-    tokenizer, template, with_bos = _tools(spec)
+    tokenizer, template, with_bos = tools_for(spec)
     kind = "conversation" if side else spec.kind
     convs = [inst[side] for inst in instances] if side else instances
     rendered = [render(kind, c, tokenizer, template, with_bos) for c in convs]
@@ -100,41 +101,42 @@ def process(instances: list[dict[str, Any]], spec: Spec) -> dict[str, list]:
     }
 
 
-class ReadShards:
-    """Ray stage 1: shard descriptions -> batches of validated instances (as JSON strings)."""
+class ShardToRows:
+    """The Ray stage: one shard description in, packed token rows out, a batch at a time.
 
-    def __init__(self, s3: dict, rows_per_batch: int):
-        self.s3 = s3
-        self.rows_per_batch = rows_per_batch
+    Reading, validating, templating, tokenizing and packing happen in the same task (one task per
+    shard, all shards in parallel across the cluster), so instances never cross the object store.
+    """
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, list]]:
+    def __init__(self, s3: dict, spec: Spec, batch_size: int):
+        self.s3, self.spec, self.batch_size = s3, spec, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
         for shard_json in batch["shard"]:
-            problems: list[str] = []
-            out: list[str] = []
-            for rec in read_shard(json.loads(shard_json), self.s3):
-                if rec.problem:
-                    problems.append(rec.message())
-                    if len(problems) >= MAX_PROBLEMS_PER_SHARD:
-                        break
-                elif not problems:
-                    out.append(json.dumps(rec.instance, ensure_ascii=False))
-                    if len(out) >= self.rows_per_batch:
-                        yield {"instance": out}
-                        out = []
-            if problems:
-                raise DataError(problems)
-            if out:
-                yield {"instance": out}
+            for instances in self._instances(json.loads(shard_json)):
+                # pyarrow converts lists of Python ints fastest when it infers the type itself.
+                yield pa.table(process(instances, self.spec))
 
-
-class TokenizePack:
-    """Ray stage 2: instances -> packed token rows."""
-
-    def __init__(self, spec: Spec):
-        self.spec = spec
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        return process([json.loads(x) for x in batch["instance"]], self.spec)
+    def _instances(self, shard: dict) -> Iterator[list[dict[str, Any]]]:
+        """Validated instances in batches; a problem stops the shard (its first problems reported)."""
+        problems: list[str] = []
+        out: list[dict[str, Any]] = []
+        for rec in read_shard(shard, self.s3):
+            if rec.problem:
+                problems.append(rec.message())
+                if len(problems) >= MAX_PROBLEMS_PER_SHARD:
+                    break
+            elif not problems:
+                out.append(rec.instance)
+                if len(out) >= self.batch_size:
+                    yield out
+                    out = []
+        if problems:
+            raise DataError(problems)
+        if out:
+            yield out
 
 
 def plan(recipe: Recipe, path: str | None = None) -> tuple[Dataset, Spec]:
@@ -154,8 +156,10 @@ def to_ray(source: Dataset, spec: Spec, batch_size: int):
 
     shards = [{"shard": json.dumps(s.to_dict())} for s in source.shards]
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))
-    ds = ds.map_batches(ReadShards(source.s3, batch_size), batch_size=1)
-    return ds.map_batches(TokenizePack(spec), batch_size=batch_size)
+    # This pipeline's own context (a copy): small output blocks stream out of a task as soon as a
+    # batch is packed, instead of after the whole shard.
+    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    return ds.map_batches(ShardToRows(source.s3, spec, batch_size), batch_size=1)
 
 
 def build_dataset(recipe: Recipe, path: str | None = None):

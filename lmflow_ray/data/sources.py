@@ -29,7 +29,8 @@ from lmflow_ray.data.formats import (
 from lmflow_ray.errors import DataError, UserError
 from lmflow_ray.storage import S3Options, filesystem
 
-SHARD_BYTES = 4 << 20
+SHARD_BYTES = 2 << 20  # a JSONL byte range per task (about 3,000 chat rows)
+JSON_PART_BYTES = 8 << 20  # a big JSON file is read in parts (each parses the file, keeps a slice)
 PEEK_BYTES = 1 << 16
 
 
@@ -39,7 +40,7 @@ class Shard:
     path: str  # inside the filesystem
     fmt: str  # json | jsonl | parquet
     kind: str  # dataset type of the file
-    start: int = 0  # jsonl: byte range; parquet: row group
+    start: int = 0  # jsonl: byte range; parquet: row group; json: part `start` of `end`
     end: int = -1
     first_row: int = 0  # parquet: row index of the group's first row
 
@@ -199,7 +200,8 @@ def _shards(display: str, info: pafs.FileInfo, fmt: str, kind: str, fs: pafs.Fil
             out.append(Shard(display, info.path, fmt, kind, g, g + 1, row))
             row += meta.row_group(g).num_rows
         return out
-    return [Shard(display, info.path, fmt, kind)]
+    parts = max(1, -(-info.size // JSON_PART_BYTES))
+    return [Shard(display, info.path, fmt, kind, i, parts) for i in range(parts)]
 
 
 def read_shard(shard: Shard | dict, s3: dict | None = None) -> Iterator[Record]:
@@ -209,7 +211,7 @@ def read_shard(shard: Shard | dict, s3: dict | None = None) -> Iterator[Record]:
     fs, _ = filesystem(shard.uri, s3)
     if shard.fmt == "json":
         with fs.open_input_file(shard.path) as f:
-            yield from records_from_json(shard.uri, f.read())
+            yield from records_from_json(shard.uri, f.read(), (shard.start, max(shard.end, 1)), shard.kind)
         return
     if shard.fmt == "parquet":
         table = pq.ParquetFile(fs.open_input_file(shard.path)).read_row_group(shard.start)
