@@ -44,30 +44,25 @@ def _recipe(path: str | None, overrides: list[str]):
 
 
 def cmd_data_validate(args: argparse.Namespace, extras: list[str]) -> int:
-    from lmflow_ray.data.sources import validate
+    from lmflow_ray.data.sources import open_dataset, validate
     from lmflow_ray.storage import S3Options
 
     target, overrides = _split(extras)
     if target is not None and not _is_recipe(target):
         if overrides:
             raise UserError(f"overrides need a recipe: {' '.join(overrides)}")
-        dataset, good, _ = validate(target, S3Options.resolve())
-        _say_ok(dataset, good)
+        dataset = open_dataset(target, S3Options.resolve())
+        _say_ok(dataset, validate(dataset))
         return 0
+    from lmflow_ray.data.pipeline import Spec, renders
+
     recipe = _recipe(target, overrides)
     paths = [p for p in (recipe.data.dataset_path, recipe.data.eval_dataset_path) if p]
     if not paths:
         raise UserError("data.dataset_path: required (a file or folder, local or s3://)")
-    from lmflow_ray.data.pipeline import check_spec, encode, Spec
-    from lmflow_ray.data.sources import read_shard
-
-    for path in paths:
-        dataset, good, _ = validate(path, S3Options.resolve(recipe.storage))
-        spec = Spec.from_recipe(recipe, dataset.kind)
-        check_spec(spec)
-        first = next(r.instance for r in read_shard(dataset.shards[0], dataset.s3) if r.instance)
-        encode([first], spec, "chosen" if dataset.kind == "paired_conversation" else None)  # template fits the data
-        _say_ok(dataset, good)
+    for path in paths:  # with a recipe, every instance must also render with its template
+        dataset = open_dataset(path, S3Options.resolve(recipe.storage))
+        _say_ok(dataset, validate(dataset, renders(Spec.from_recipe(recipe, dataset.kind))))
     return 0
 
 
@@ -132,7 +127,7 @@ def _marked(text: str, trained_offsets: Any, cut: int | None, color: bool) -> st
     for i, ch in enumerate(text):
         if cut is not None and i == cut:
             out.append(close if inside else "")
-            out.append(f"\n✂ ---- truncated here (block_size) ----\n")
+            out.append("\n✂ ---- truncated here (block_size) ----\n")
             inside = False
             out.append(text[i:])
             return "".join(out)

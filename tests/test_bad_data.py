@@ -86,3 +86,19 @@ def test_good_data_in_every_shape_validates(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "4 conversation instances (3 files)" in proc.stdout
+
+
+def test_recipe_validation_renders_every_instance_with_its_template(tmp_path, tiny_model_dir):
+    tools = {"tools": [{"type": "function", "function": {"name": "lookup"}}], **GOOD}
+    (tmp_path / "d.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(tools) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  model_name_or_path: {tiny_model_dir}\ndata:\n  dataset_path: {tmp_path / 'd.jsonl'}\n"
+                      "  conversation_template: chatml\n")
+    proc = subprocess.run([sys.executable, "-m", "lmflow_ray.cli", "data", "validate", str(recipe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"{tmp_path}/d.jsonl:2: conversation_template chatml does not render tools; "
+                                   "use conversation_template: tokenizer")
+    ok = subprocess.run([sys.executable, "-m", "lmflow_ray.cli", "data", "validate", str(recipe),
+                         "conversation_template=tokenizer"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr

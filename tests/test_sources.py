@@ -59,5 +59,5 @@ def test_file_level_problem_reported_once_across_parts(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "JSON_PART_BYTES", 5_000)
     assert len(open_dataset(str(tmp_path / "d.json")).shards) > 3
     with pytest.raises(DataError) as err:
-        validate(str(tmp_path / "d.json"))
+        validate(open_dataset(str(tmp_path / "d.json")))
     assert err.value.problems == [f"{tmp_path}/d.json:202: not valid JSON: Expecting property name enclosed in double quotes (column 2)"]

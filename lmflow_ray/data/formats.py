@@ -73,39 +73,23 @@ def _kind(value: Any) -> str:
     )
 
 
-def _fastchat_messages(turns: Any, field: str) -> list[tuple[str, dict[str, str]]]:
-    if not isinstance(turns, list):
-        raise Invalid(field, f"expected a list of turns, got {_kind(turns)}")
+def _turns(raw: Any, field: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """A list of turns -> [(field path, {"role", "content"})], for OpenAI-style messages
+    (role/content) and FastChat conversations (from/value, speakers mapped to roles)."""
+    if not isinstance(raw, list):
+        raise Invalid(field, f"expected a list of turns, got {_kind(raw)}")
     out = []
-    for i, turn in enumerate(turns):
+    for i, turn in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(turn, dict):
-            raise Invalid(where, f"expected an object with 'from' and 'value', got {_kind(turn)}")
-        for key in ("from", "value"):
+            raise Invalid(where, f"expected an object with '{role_key}' and '{text_key}', got {_kind(turn)}")
+        for key in (role_key, text_key):
             if key not in turn:
                 raise Invalid(f"{where}.{key}", f"missing{_typo_hint(turn, key)}")
-        speaker = turn["from"]
-        if speaker not in FASTCHAT_SPEAKERS:
-            raise Invalid(f"{where}.from", f"unknown speaker {speaker!r} (expected human, gpt or system)")
-        out.append((where, {"role": FASTCHAT_SPEAKERS[speaker], "content": _text(turn["value"], f"{where}.value")}))
-    return out
-
-
-def _openai_messages(raw: Any, field: str) -> list[tuple[str, dict[str, str]]]:
-    if not isinstance(raw, list):
-        raise Invalid(field, f"expected a list of messages, got {_kind(raw)}")
-    out = []
-    for i, msg in enumerate(raw):
-        where = f"{field}[{i}]"
-        if not isinstance(msg, dict):
-            raise Invalid(where, f"expected an object with 'role' and 'content', got {_kind(msg)}")
-        for key in ("role", "content"):
-            if key not in msg:
-                raise Invalid(f"{where}.{key}", f"missing{_typo_hint(msg, key)}")
-        role = msg["role"]
-        if role not in ROLES:
-            raise Invalid(f"{where}.role", f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        out.append((where, {"role": role, "content": _text(msg["content"], f"{where}.content")}))
+        if turn[role_key] not in roles:
+            what = "role" if role_key == "role" else "speaker"
+            raise Invalid(f"{where}.{role_key}", f"unknown {what} {turn[role_key]!r} (expected one of {', '.join(dict.fromkeys(roles))})")
+        out.append((where, {"role": roles[turn[role_key]], "content": _text(turn[text_key], f"{where}.{text_key}")}))
     return out
 
 
@@ -117,9 +101,9 @@ def check_conversation(row: Any, field: str = "") -> dict[str, Any]:
     if not isinstance(row, dict):
         raise Invalid(field, f"expected a conversation object, got {_kind(row)}")
     if "messages" in row:
-        turns = _openai_messages(row["messages"], f"{at}messages")
+        turns = _turns(row["messages"], f"{at}messages", "role", "content", {r: r for r in ROLES})
     elif "conversations" in row:
-        turns = _fastchat_messages(row["conversations"], f"{at}conversations")
+        turns = _turns(row["conversations"], f"{at}conversations", "from", "value", FASTCHAT_SPEAKERS)
     else:
         raise Invalid(f"{at}messages", f"missing{_typo_hint(row, 'messages')}")
     listed = f"{at}messages" if "messages" in row else f"{at}conversations"

@@ -67,6 +67,19 @@ def check_spec(spec: Spec) -> None:
     tools_for(spec)
 
 
+def renders(spec: Spec):
+    """A check for sources.validate: the instance renders with the spec's template."""
+    tokenizer, template, with_bos = tools_for(spec)
+
+    def check(instance: dict[str, Any]) -> None:
+        sides = [instance["chosen"], instance["rejected"]] if spec.kind == "paired_conversation" else [instance]
+        kind = "conversation" if spec.kind == "paired_conversation" else spec.kind
+        for conv in sides:
+            render(kind, conv, tokenizer, template, with_bos)
+
+    return check
+
+
 def encode(instances: list[dict[str, Any]], spec: Spec, side: str | None = None) -> list[Encoded]:
     tokenizer, template, with_bos = tools_for(spec)
     kind = "conversation" if side else spec.kind

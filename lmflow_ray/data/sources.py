@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import pyarrow.fs as pafs
@@ -267,12 +267,18 @@ def _lines_before(fs: pafs.FileSystem, path: str, offset: int) -> int:
     return count
 
 
-def validate(uri: str, s3: S3Options | None = None, limit: int = 1000) -> tuple[Dataset, int, list[str]]:
-    """Read every instance: (dataset, number of good instances, problems as file:line: field: problem)."""
-    dataset = open_dataset(uri, s3)
+def validate(dataset: Dataset, check: Callable[[dict], None] | None = None, limit: int = 1000) -> int:
+    """Read every instance of an opened dataset; return how many are good, or raise DataError
+    listing each problem as file:line: field: problem. ``check`` may refuse a valid instance by
+    raising UserError (e.g. the chat template cannot render it)."""
     good, problems, total = 0, [], 0
     for shard in dataset.shards:
         for rec in read_shard(shard, dataset.s3):
+            if not rec.problem and check is not None:
+                try:
+                    check(rec.instance)
+                except UserError as err:
+                    rec.problem = str(err)
             if rec.problem:
                 total += 1
                 if len(problems) < limit:
@@ -282,5 +288,5 @@ def validate(uri: str, s3: S3Options | None = None, limit: int = 1000) -> tuple[
     if total:
         raise DataError(problems, total)
     if good == 0:
-        raise DataError([f"{uri}: no instances found"])
-    return dataset, good, problems
+        raise DataError([f"{dataset.uri}: no instances found"])
+    return good

@@ -49,17 +49,18 @@ class Preset:
     fold_then_strip: bool = False  # llama2 strips the folded text; gemma folds after stripping
 
 
+CHATML = dict(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>",
+    assistant_suffix="\n",
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset(
-            "chatml",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>",
-            assistant_suffix="\n",
-        ),
+        Preset("chatml", **CHATML),
         Preset(
             "llama2",
             system_fold="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
@@ -87,24 +88,8 @@ PRESETS: dict[str, Preset] = {
             assistant_suffix="\n",
             suffix="{eos_token}",
         ),
-        Preset(
-            "qwen2",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            default_system="You are a helpful assistant.",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>",
-            assistant_suffix="\n",
-        ),
-        Preset(
-            "qwen2_5",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>",
-            assistant_suffix="\n",
-        ),
+        Preset("qwen2", default_system="You are a helpful assistant.", **CHATML),
+        Preset("qwen2_5", default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", **CHATML),
         Preset(
             "gemma",
             prefix="{bos_token}",
@@ -123,14 +108,7 @@ PRESETS: dict[str, Preset] = {
             assistant_prefix="Assistant:",
             assistant=" {content}{eos_token}",
         ),
-        Preset(
-            "yi",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>",
-            assistant_suffix="\n",
-        ),
+        Preset("yi", **CHATML),
         Preset(
             "yi1_5",
             system="{content}",
@@ -146,15 +124,7 @@ PRESETS: dict[str, Preset] = {
             assistant="{content}{eos_token}",
             assistant_suffix="\n",
         ),
-        Preset(
-            "internlm2",
-            prefix="{bos_token}",
-            system="<|im_start|>system\n{content}<|im_end|>\n",
-            user="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            assistant="{content}<|im_end|>",
-            assistant_suffix="\n",
-        ),
+        Preset("internlm2", prefix="{bos_token}", **CHATML),
         Preset("empty", user="{bos_token}{content}", assistant="{content}{eos_token}"),
         Preset("empty_no_special_tokens", user="{content}", assistant="{content}"),
     ]
