@@ -16,8 +16,9 @@ WORKER_ENV = {
 }
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> None:
-    """ray.init once per process, with a runtime env that every worker gets."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """ray.init once per process, with a runtime env that every worker gets. Worker output stays
+    in Ray's log files (the dashboard shows it), not on this terminal."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Only a private local cluster: keep every socket on 127.0.0.1 (must be set before import).
@@ -26,8 +27,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
 
     if ray.is_initialized():
         return
-    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=not quiet, configure_logging=True,
-                  logging_level="ERROR" if quiet else "INFO")
+    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, logging_level="ERROR")
     if address:
         ray.init(address=address, **kwargs)
         return

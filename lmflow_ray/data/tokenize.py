@@ -25,10 +25,6 @@ class Encoded:
     labels: list[int]
     truncated: bool = False
 
-    @property
-    def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
-
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False) -> Any:
