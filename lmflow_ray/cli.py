@@ -73,46 +73,38 @@ def _say_ok(dataset: Any, good: int) -> None:
 
 
 def cmd_data_preview(args: argparse.Namespace, extras: list[str]) -> int:
-    import numpy as np
-
-    from lmflow_ray.data.pipeline import tools_for, plan
+    from lmflow_ray.data.pipeline import plan, texts_of, tools_for
     from lmflow_ray.data.sources import read_shard
-    from lmflow_ray.data.tokenize import render, trained_mask
+    from lmflow_ray.data.tokenize import render, tokenize_rendered
 
     target, overrides = _split(extras)
     recipe = _recipe(target, overrides)
     source, spec = plan(recipe)
     tokenizer, template, with_bos = tools_for(spec)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    shown = 0
-    for shard in source.shards:
-        for rec in read_shard(shard, source.s3):
-            if rec.problem:
-                raise UserError(rec.message())
-            convs = [(side, rec.instance[side]) for side in ("chosen", "rejected")] if spec.kind == "paired_conversation" else [(None, rec.instance)]
-            for side, inst in convs:
-                rendered = render("conversation" if side else spec.kind, inst, tokenizer, template, with_bos)
-                enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-                offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-                mask = np.ones(len(offsets), bool) if spec.train_on_prompt else trained_mask(offsets, rendered.spans)
-                n, trained = len(offsets), int(mask[: spec.block_size].sum())
-                cut = int(offsets[spec.block_size - 1, 1]) if n > spec.block_size else None
-                label = f" ({side})" if side else ""
-                header = f"── sample {shown + 1}{label} · {rec.where} · {n} tokens, {trained} trained"
-                header += f", cut at block_size={spec.block_size}" if cut is not None else ""
-                if args.raw:
-                    print(header + " ──", file=sys.stderr)
-                    sys.stdout.write(rendered.text + "\n")
-                    continue
+    records = (rec for shard in source.shards for rec in read_shard(shard, source.s3))
+    for shown, rec in enumerate(records, 1):
+        if rec.problem:
+            raise UserError(rec.message())
+        for side, kind, part in texts_of(spec.kind, rec.instance):
+            rendered = render(kind, part, tokenizer, template, with_bos)
+            (tok,) = tokenize_rendered([rendered], tokenizer, spec.train_on_prompt)
+            n, block = len(tok.ids), spec.block_size
+            cut = int(tok.offsets[block - 1, 1]) if n > block else None
+            header = f"── sample {shown}{f' ({side})' if side else ''} · {rec.where} · {n} tokens, "
+            header += f"{int(tok.trained[:block].sum())} trained" + (f", cut at block_size={block}" if cut is not None else "")
+            if args.raw:
+                print(header + " ──", file=sys.stderr)
+                sys.stdout.write(rendered.text + "\n")
+            else:
                 print(header + " ──")
-                print(_marked(rendered.text, offsets[mask], cut, color))
+                print(_marked(rendered.text, tok.offsets[tok.trained], cut, color))
                 print()
-            shown += 1
-            if shown >= args.n:
-                if not args.raw:
-                    legend = "green" if color else f"{TRAINED_OPEN}like this{TRAINED_CLOSE}"
-                    print(f"(trained tokens are shown {legend}; template: {template.name if template else 'none'})")
-                return 0
+        if shown >= args.n:
+            break
+    if not args.raw:
+        legend = "green" if color else f"{TRAINED_OPEN}like this{TRAINED_CLOSE}"
+        print(f"(trained tokens are shown {legend}; template: {template.name if template else 'none'})")
     return 0
 
 

@@ -239,23 +239,47 @@ def _array_items(text: str, start: int) -> Iterator[tuple[int, Any]]:
         i = _skip_ws(text, i + 1)  # past the comma
 
 
-def _instance_offsets(text: str) -> list[int] | None:
-    """Offsets of each element of the top-level "instances" array (the file already parsed)."""
+def value_offset(text: str, key: str) -> int | None:
+    """Offset of the value of ``key`` in the top-level JSON object of ``text``. ``text`` may be a
+    prefix of the document as long as it holds every key before ``key`` (ValueError otherwise)."""
     decoder = json.JSONDecoder()
     i = _skip_ws(text, 0)
-    if text[i] != "{":
+    if i >= len(text) or text[i] != "{":
         return None
     i = _skip_ws(text, i + 1)
     while i < len(text) and text[i] != "}":
-        key, i = decoder.raw_decode(text, i)
+        name, i = decoder.raw_decode(text, i)
         i = _skip_ws(text, _skip_ws(text, i) + 1)  # past the colon
-        if key == "instances" and text[i] == "[":
-            return [offset for offset, _ in _array_items(text, i)]
+        if name == key:
+            return i
         _, i = decoder.raw_decode(text, i)
         i = _skip_ws(text, i)
-        if text[i] == ",":
+        if i < len(text) and text[i] == ",":
             i = _skip_ws(text, i + 1)
     return None
+
+
+def header_type(text: str) -> str | None:
+    """The dataset type of a JSON document (its "type", or its first row's keys for an array),
+    read from the document or a prefix of it; None when the prefix does not reach it."""
+    decoder = json.JSONDecoder()
+    try:
+        i = _skip_ws(text, 0)
+        if text[i] == "[":
+            first, _ = decoder.raw_decode(text, _skip_ws(text, i + 1))
+            return infer_type(first) if isinstance(first, dict) else None
+        at = value_offset(text, "type")
+        return None if at is None else check_type_name(decoder.raw_decode(text, at)[0])
+    except (ValueError, IndexError, Invalid):
+        return None
+
+
+def _instance_offsets(text: str) -> list[int] | None:
+    """Offsets of each element of the top-level "instances" array (the file already parsed)."""
+    at = value_offset(text, "instances")
+    if at is None or text[at] != "[":
+        return None
+    return [offset for offset, _ in _array_items(text, at)]
 
 
 def _part(n: int, part: tuple[int, int]) -> range:

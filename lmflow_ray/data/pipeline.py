@@ -62,25 +62,26 @@ def tools_for(spec: Spec):
     return tokenizer, template, adds_bos(tokenizer)
 
 
-def check_spec(spec: Spec) -> None:
-    """Fail early, in the driver, on a bad model / template (rather than inside a Ray task)."""
-    tools_for(spec)
+def texts_of(kind: str, instance: dict[str, Any]) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """(side, type to render it as, part) for each text an instance holds: a pair holds two."""
+    if kind == "paired_conversation":
+        return [(side, "conversation", instance[side]) for side in ("chosen", "rejected")]
+    return [(None, kind, instance)]
 
 
 def renders(spec: Spec):
-    """A check for sources.validate: the instance renders with the spec's template."""
+    """A check for sources.validate: every text of the instance renders with the spec's template."""
     tokenizer, template, with_bos = tools_for(spec)
 
     def check(instance: dict[str, Any]) -> None:
-        sides = [instance["chosen"], instance["rejected"]] if spec.kind == "paired_conversation" else [instance]
-        kind = "conversation" if spec.kind == "paired_conversation" else spec.kind
-        for conv in sides:
-            render(kind, conv, tokenizer, template, with_bos)
+        for _, kind, part in texts_of(spec.kind, instance):
+            render(kind, part, tokenizer, template, with_bos)
 
     return check
 
 
 def encode(instances: list[dict[str, Any]], spec: Spec, side: str | None = None) -> list[Encoded]:
+    """A batch of instances (or one side of each pair) -> input ids and labels."""
     tokenizer, template, with_bos = tools_for(spec)
     kind = "conversation" if side else spec.kind
     convs = [inst[side] for inst in instances] if side else instances
@@ -159,7 +160,7 @@ def plan(recipe: Recipe, path: str | None = None) -> tuple[Dataset, Spec]:
         raise UserError("data.dataset_path: required (a file or folder, local or s3://); pass --dataset_path PATH")
     source = open_dataset(uri, S3Options.resolve(recipe.storage))
     spec = Spec.from_recipe(recipe, source.kind)
-    check_spec(spec)
+    tools_for(spec)  # a bad model or template fails here, in the driver, not in a Ray task
     return source, spec
 
 

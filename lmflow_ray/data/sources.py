@@ -8,7 +8,6 @@ from the shard start; the true line is only worked out when there is a problem t
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from lmflow_ray.data.formats import (
     EXTENSIONS,
     Invalid,
     Record,
-    check_type_name,
+    header_type,
     infer_type,
     records_from_json,
     records_from_jsonl,
@@ -105,11 +104,16 @@ def peek_type(fs: pafs.FileSystem, display: str, info: pafs.FileInfo) -> str:
     with fs.open_input_file(info.path) as f:
         head = f.read(min(PEEK_BYTES, info.size))
     if fmt == "json":
-        kind = _json_header_type(head, complete=len(head) == info.size)
-        if kind is None:  # the type hides behind a long "instances" array: read it all
-            with fs.open_input_file(info.path) as f:
-                head = f.read()
-            kind = _json_header_type(head, complete=True)
+        # A prefix may end inside a multi-byte character; the whole file must decode strictly.
+        kind = header_type(head.decode("utf-8", errors="ignore")) if len(head) < info.size else None
+        if kind is None:
+            if len(head) < info.size:  # the type hides behind a long "instances" array: read it all
+                with fs.open_input_file(info.path) as f:
+                    head = f.read()
+            try:
+                kind = header_type(head.decode("utf-8"))
+            except UnicodeDecodeError:
+                kind = None
         if kind is None:
             raise _first_problem(records_from_json(display, head), display)
         return kind
@@ -131,43 +135,6 @@ def _first_problem(records: Iterator[Record], display: str) -> DataError:
         if rec.problem:
             return DataError([rec.message()])
     return DataError([f"{display}: the file holds no instances"])
-
-
-def _json_header_type(data: bytes, complete: bool) -> str | None:
-    """``type`` of an LMFlow JSON file (or of the first element of a JSON array) from a prefix."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        if complete:
-            return None
-        text = data[: len(data) - 4].decode("utf-8", errors="ignore")
-    decoder = json.JSONDecoder()
-    i = _skip(text, 0)
-    try:
-        if text[i] == "[":
-            first, _ = decoder.raw_decode(text, _skip(text, i + 1))
-            return infer_type(first) if isinstance(first, dict) else None
-        if text[i] != "{":
-            return None
-        i = _skip(text, i + 1)
-        while text[i] != "}":
-            key, i = decoder.raw_decode(text, i)
-            i = _skip(text, _skip(text, i) + 1)
-            value, i = decoder.raw_decode(text, i)
-            if key == "type":
-                return check_type_name(value)
-            i = _skip(text, i)
-            if text[i] == ",":
-                i = _skip(text, i + 1)
-    except (ValueError, IndexError, Invalid):
-        return None
-    return None
-
-
-def _skip(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
 
 
 def open_dataset(uri: str, s3: S3Options | None = None, shard_bytes: int | None = None) -> Dataset:

@@ -82,21 +82,32 @@ def render(kind: str, instance: dict[str, Any], tokenizer: Any, template: Templa
     return render_plain(kind, instance, tokenizer, with_bos)
 
 
+@dataclass
+class Tokenized:
+    """A rendered sample as tokens: ids, which of them are trained, and their character offsets."""
+
+    ids: np.ndarray
+    trained: np.ndarray  # bool per token
+    offsets: np.ndarray  # (n, 2) character ranges in the rendered text
+
+
+def tokenize_rendered(rendered: list[Rendered], tokenizer: Any, train_on_prompt: bool = False) -> list[Tokenized]:
+    """Tokenize a batch of rendered samples at once and mark the trained tokens from the spans."""
+    batch = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for r, ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        trained = np.ones(len(offsets), dtype=bool) if train_on_prompt else trained_mask(offsets, r.spans)
+        out.append(Tokenized(np.asarray(ids, dtype=np.int64), trained, offsets))
+    return out
+
+
 def encode_rendered(
     rendered: list[Rendered], tokenizer: Any, block_size: int, train_on_prompt: bool = False
 ) -> list[Encoded]:
-    """Tokenize a batch of rendered samples at once and derive the labels from the spans."""
-    batch = tokenizer(
-        [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True
-    )
+    """Rendered samples -> input ids and labels (-100 where untrained), cut at block_size."""
     out = []
-    for r, ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"]):
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        if train_on_prompt:
-            labels = ids_arr.copy()
-        else:
-            mask = trained_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), r.spans)
-            labels = np.where(mask, ids_arr, IGNORE_INDEX)
-        truncated = len(ids_arr) > block_size
-        out.append(Encoded(ids_arr[:block_size].tolist(), labels[:block_size].tolist(), truncated))
+    for t in tokenize_rendered(rendered, tokenizer, train_on_prompt):
+        labels = np.where(t.trained, t.ids, IGNORE_INDEX)
+        out.append(Encoded(t.ids[:block_size].tolist(), labels[:block_size].tolist(), len(t.ids) > block_size))
     return out
