@@ -131,6 +131,23 @@ def test_stats_report_packing_against_pad_to_block(tmp_path, ray_local, tiny_mod
     assert unpacked["rows_packed"] == 600
 
 
+def test_paired_conversations_are_tokenized_per_side_and_counted(tmp_path, ray_local, tiny_model_dir):
+    rows = chat_rows(40, seed=6)
+    pairs = [{"chosen": r, "rejected": {"messages": r["messages"][:1] + [{"role": "assistant", "content": "no"}]}}
+             for r in rows]
+    (tmp_path / "p.json").write_text(json.dumps({"type": "paired_conversation", "instances": pairs}))
+    got = build_dataset(recipe_for(tmp_path / "p.json", tiny_model_dir)).take_all()
+    assert len(got) == 40
+    chosen = expected_samples(rows, tiny_model_dir, 256)
+    assert collections.Counter((tuple(r["chosen_input_ids"]), tuple(r["chosen_labels"][1:])) for r in got) == chosen
+    stats = dataset_stats(recipe_for(tmp_path / "p.json", tiny_model_dir))
+    tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in got)
+    trained = sum(int((np.asarray(r[k]) != IGNORE_INDEX).sum()) for r in got for k in ("chosen_labels", "rejected_labels"))
+    assert (stats["samples"], stats["rows_packed"], stats["tokens"], stats["trained_tokens"]) == (40, 80, tokens, trained)
+    assert trained > 0 and stats["packing_efficiency"] == pytest.approx(tokens / (80 * 256))
+    assert stats["packing_efficiency"] < 1
+
+
 def test_batches_feed_a_model_through_the_collate_function(tmp_path, ray_local, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -183,11 +183,16 @@ def build_dataset(recipe: Recipe, path: str | None = None):
 
 
 def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
-    """Per-batch totals for `data stats` (one row out per batch in)."""
-    if "lengths" not in batch:  # paired_conversation
-        tokens = sum(len(x) for x in batch["chosen_input_ids"]) + sum(len(x) for x in batch["rejected_input_ids"])
-        return {"rows": [len(batch["chosen_input_ids"])], "samples": [len(batch["chosen_input_ids"])],
-                "tokens": [tokens], "trained": [0], "truncated": [int(np.sum(batch["num_truncated"]))], "untrained": [0]}
+    """Per-batch totals for `data stats` (one row out per batch in). ``pad_rows`` is how many rows
+    LMFlow's layout (one sample per block_size row) would need for the same samples."""
+    if "lengths" not in batch:  # paired_conversation: each side is a row of its own, never packed
+        sides = [np.asarray(x) for key in ("chosen_labels", "rejected_labels") for x in batch[key]]
+        pairs = len(batch["chosen_labels"])
+        return {"rows": [2 * pairs], "pad_rows": [2 * pairs], "samples": [pairs],
+                "tokens": [sum(len(x) for x in sides)],
+                "trained": [sum(int((x != IGNORE_INDEX).sum()) for x in sides)],
+                "truncated": [int(np.sum(batch["num_truncated"]))],
+                "untrained": [sum(1 for x in sides if not (x != IGNORE_INDEX).any())]}
     samples = tokens = trained = untrained = 0
     for labels, lengths in zip(batch["labels"], batch["lengths"]):
         labels = np.asarray(labels)
@@ -197,12 +202,12 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
         trained += int(mask.sum())
         bounds = np.cumsum([0, *lengths])
         untrained += sum(1 for a, b in zip(bounds[:-1], bounds[1:]) if not mask[a + 1 : b].any())
-    return {"rows": [len(batch["labels"])], "samples": [samples], "tokens": [tokens], "trained": [trained],
-            "truncated": [int(np.sum(batch["num_truncated"]))], "untrained": [untrained]}
+    return {"rows": [len(batch["labels"])], "pad_rows": [samples], "samples": [samples], "tokens": [tokens],
+            "trained": [trained], "truncated": [int(np.sum(batch["num_truncated"]))], "untrained": [untrained]}
 
 
 def summarize(totals: dict[str, int], block_size: int, kind: str) -> dict[str, Any]:
-    samples, tokens, rows = totals["samples"], totals["tokens"], totals["rows"]
+    samples, tokens, rows, pad_rows = totals["samples"], totals["tokens"], totals["rows"], totals["pad_rows"]
     return {
         "type": kind,
         "samples": samples,
@@ -213,12 +218,12 @@ def summarize(totals: dict[str, int], block_size: int, kind: str) -> dict[str, A
         "block_size": block_size,
         "rows_packed": rows,
         "packing_efficiency": tokens / (rows * block_size) if rows else 0.0,
-        "rows_pad_to_block": samples,
-        "pad_to_block_efficiency": tokens / (samples * block_size) if samples else 0.0,
+        "rows_pad_to_block": pad_rows,
+        "pad_to_block_efficiency": tokens / (pad_rows * block_size) if pad_rows else 0.0,
     }
 
 
-STAT_KEYS = ("rows", "samples", "tokens", "trained", "truncated", "untrained")
+STAT_KEYS = ("rows", "pad_rows", "samples", "tokens", "trained", "truncated", "untrained")
 
 
 def dataset_stats(recipe: Recipe, path: str | None = None) -> dict[str, Any]:
