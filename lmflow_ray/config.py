@@ -118,12 +118,8 @@ class Recipe(_Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
-    source: str | None = Field(None, exclude=True, description="the YAML file this came from")
 
-
-SECTIONS: dict[str, type[_Section]] = {
-    name: info.annotation for name, info in Recipe.model_fields.items() if name != "source"
-}
+SECTIONS: dict[str, type[_Section]] = {name: info.annotation for name, info in Recipe.model_fields.items()}
 
 # Flat name -> section, for LMFlow flags and for flat keys at the top of a YAML file.
 FIELD_SECTION: dict[str, str] = {
@@ -133,8 +129,6 @@ FIELD_SECTION: dict[str, str] = {
 # LMFlow / HF flag spellings that differ from ours.
 ALIASES: dict[str, str] = {
     "output_dir": "storage.output_model_path",
-    "save_total_limit": "storage.save_total_limit",
-    "run_name": "storage.run_name",
     "max_seq_length": "data.block_size",
     "model_max_length": "data.block_size",
 }
@@ -279,11 +273,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         origin[(section, name)] = f"override '{written}'"
 
     try:
-        recipe = Recipe(**nested)
+        return Recipe(**nested)
     except ValidationError as err:
         raise UserError(_explain(err, origin, where)) from None
-    recipe.source = str(path) if path is not None else None
-    return recipe
 
 
 def _explain(err: ValidationError, origin: dict[tuple[str, str], str], where: str) -> str:

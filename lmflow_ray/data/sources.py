@@ -96,7 +96,8 @@ def peek_type(fs: pafs.FileSystem, display: str, info: pafs.FileInfo) -> str:
     """The dataset type of one file, reading as little of it as possible."""
     fmt = _fmt(info.path)
     if fmt == "parquet":
-        names = pq.read_schema(fs.open_input_file(info.path)).names
+        with fs.open_input_file(info.path) as f:
+            names = pq.read_schema(f).names
         try:
             return infer_type(dict.fromkeys(names))
         except Invalid as err:
@@ -161,7 +162,8 @@ def _shards(display: str, info: pafs.FileInfo, fmt: str, kind: str, fs: pafs.Fil
         size = max(info.size, 1)
         return [Shard(display, info.path, fmt, kind, a, min(a + shard_bytes, size)) for a in range(0, size, shard_bytes)]
     if fmt == "parquet":
-        meta = pq.ParquetFile(fs.open_input_file(info.path)).metadata
+        with fs.open_input_file(info.path) as f:
+            meta = pq.ParquetFile(f).metadata
         out, row = [], 0
         for g in range(meta.num_row_groups):
             out.append(Shard(display, info.path, fmt, kind, g, g + 1, row))
@@ -181,7 +183,8 @@ def read_shard(shard: Shard | dict, s3: dict | None = None) -> Iterator[Record]:
             yield from records_from_json(shard.uri, f.read(), (shard.start, max(shard.end, 1)), shard.kind)
         return
     if shard.fmt == "parquet":
-        table = pq.ParquetFile(fs.open_input_file(shard.path)).read_row_group(shard.start)
+        with fs.open_input_file(shard.path) as f:
+            table = pq.ParquetFile(f).read_row_group(shard.start)
         yield from records_from_table(shard.uri, table.to_pylist(), shard.first_row, shard.kind)
         return
     data, line_start = _owned_lines(fs, shard)
