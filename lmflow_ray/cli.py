@@ -1,7 +1,7 @@
 """`lmflow-ray <verb> [RECIPE.yaml] [key=value | --key value ...]`.
 
-Verbs so far: data (validate / preview / stats), model (prepare-default), recipe (show the merged
-recipe). Bad input prints one line per problem and exits with 2, never a traceback.
+Verbs so far: train, merge, data (validate / preview / stats), model (prepare-default), recipe
+(show the merged recipe). Bad input prints one line per problem and exits with 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -194,6 +194,60 @@ def cmd_recipe(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+# ---- train / merge -----------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
+    import time
+    from pathlib import Path
+
+    from lmflow_ray.ray_init import connect, quiet_data_logs
+    from lmflow_ray.train.trainer import run
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    if not recipe.data.dataset_path:
+        raise UserError("data.dataset_path: required; pass --dataset_path PATH or use a recipe that sets it")
+    print("starting Ray ...", file=sys.stderr)
+    connect(args.address)
+    quiet_data_logs()
+    started = time.time()
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    result = run(recipe, name_prefix=Path(target).stem if target else "run", fresh=args.fresh, say=say)
+    m = result.metrics
+    say(f"done in {time.time() - started:.0f} s: step {result.steps}"
+        + (f", loss {m['loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s, MFU {m['mfu']:.2%}" if "loss" in m else ""))
+    print(f"run folder:   {result.run_uri}")
+    print(f"final model:  {result.export_uri}")
+    print(f"loss curve:   {storage_join(result.run_uri, 'loss.png')}")
+    print(f"summary:      {storage_join(result.run_uri, 'summary.md')}")
+    print(f"tensorboard:  tensorboard --logdir {storage_join(result.run_uri, 'tensorboard')}")
+    return 0
+
+
+def storage_join(uri: str, name: str) -> str:
+    from lmflow_ray.storage import join
+
+    return join(uri, name)
+
+
+def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
+    import tempfile
+
+    from lmflow_ray.config import StorageSection
+    from lmflow_ray.model.adapters import merge_adapter
+    from lmflow_ray.storage import S3Options, local_model_folder
+
+    if extras:
+        raise UserError(f"merge: unexpected arguments {' '.join(extras)}")
+    s3 = S3Options.resolve(StorageSection(endpoint_url=args.endpoint_url))
+    with tempfile.TemporaryDirectory(prefix="lmflow-merge-") as cache:
+        adapter = local_model_folder(args.lora_model_path, cache, s3)
+        out = merge_adapter(adapter, args.output_model_path, base=args.model_name_or_path)
+    print(f"merged model written to {out}")
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 
@@ -224,6 +278,18 @@ def _parser() -> argparse.ArgumentParser:
     pd = model_verbs.add_parser("prepare-default", help="convert the embedded SmolLM2-135M-Instruct once", allow_abbrev=False)
     pd.add_argument("--force", action="store_true", help="convert again even if the folder exists")
     pd.set_defaults(func=cmd_model_prepare_default)
+
+    t = verbs.add_parser("train", help="fine-tune on Ray Train: RECIPE [overrides]", allow_abbrev=False)
+    t.add_argument("--address", default=None, help="a Ray cluster to use (default: RAY_ADDRESS, else a private local one)")
+    t.add_argument("--fresh", action="store_true", help="start over: delete this run_name's checkpoints first")
+    t.set_defaults(func=cmd_train)
+
+    m = verbs.add_parser("merge", help="base model + LoRA adapter -> one standalone model folder", allow_abbrev=False)
+    m.add_argument("--lora_model_path", required=True, help="adapter folder, checkpoint or run folder (local or s3://)")
+    m.add_argument("--output_model_path", required=True, help="new local folder for the merged model")
+    m.add_argument("--model_name_or_path", default=None, help="base model (default: the adapter's own base)")
+    m.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    m.set_defaults(func=cmd_merge)
 
     r = verbs.add_parser("recipe", help="print a recipe with defaults and overrides applied: [RECIPE] [overrides]", allow_abbrev=False)
     r.set_defaults(func=cmd_recipe)

@@ -76,9 +76,10 @@ class TrainSection(_Section):
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
-    deepspeed: str | None = Field(None, description="zero0 | zero2 | zero3 | zero3_offload, or a DeepSpeed JSON file")
+    deepspeed: str | None = Field(None, description="zero0 | zero2 | zero2_offload | zero3 | zero3_offload | zero3_offload_params, or a DeepSpeed JSON file; empty = plain DDP")
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(500, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
     use_lisa: bool = False
     lisa_activated_layers: int = Field(1, ge=1)
     lisa_interval_steps: int = Field(20, ge=1)

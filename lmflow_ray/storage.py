@@ -70,3 +70,143 @@ def _s3(opts: S3Options) -> pafs.S3FileSystem:
     if opts.region:
         kwargs["region"] = opts.region
     return pafs.S3FileSystem(**kwargs)
+
+
+# ---- run folders and checkpoints ---------------------------------------------------------------
+# A run lives at <output_model_path>/<run_name>/: Ray Train's checkpoint_NNNNNN/ folders (each with
+# a manifest, an `hf/` export and the resume state), tensorboard/, loss.png, summary.md.
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lmflow-ray-checkpoint/1"
+EXPORT_DIR = "hf"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def list_local_files(folder: str | os.PathLike) -> dict[str, int]:
+    """Relative path -> size for every file under a local folder."""
+    root = os.fspath(folder)
+    out = {}
+    for base, _, files in os.walk(root):
+        for name in files:
+            full = os.path.join(base, name)
+            out[os.path.relpath(full, root).replace(os.sep, "/")] = os.path.getsize(full)
+    return out
+
+
+def write_manifest(folder: str | os.PathLike, files: dict[str, int], info: dict[str, Any]) -> None:
+    """The manifest lists every file of the finished checkpoint (all ranks) with its size: a reader
+    that finds a file missing or short knows the checkpoint is partial."""
+    import json
+
+    body = {"format": MANIFEST_FORMAT, **info, "files": dict(sorted(files.items()))}
+    with open(os.path.join(os.fspath(folder), MANIFEST), "w") as f:
+        json.dump(body, f, indent=1)
+
+
+@dataclass
+class CheckpointInfo:
+    uri: str
+    step: int
+    complete: bool
+    problem: str = ""
+    manifest: dict | None = None
+
+    @property
+    def export_uri(self) -> str:
+        return join(self.uri, EXPORT_DIR)
+
+
+def inspect_checkpoint(uri: str, s3: S3Options | dict | None = None) -> CheckpointInfo:
+    """Is the checkpoint at ``uri`` complete? Every file in its manifest present with its size."""
+    import json
+
+    fs, path = filesystem(uri, s3)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    guess = int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() else -1
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return CheckpointInfo(uri, guess, False, "no manifest.json (partial or not an lmflow-ray checkpoint)")
+    except ValueError:
+        return CheckpointInfo(uri, guess, False, "manifest.json is not valid JSON")
+    found = {
+        i.path[len(path) + 1 :]: i.size
+        for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if i.type == pafs.FileType.File
+    }
+    for rel, size in manifest.get("files", {}).items():
+        if rel not in found:
+            return CheckpointInfo(uri, manifest.get("step", guess), False, f"{rel}: missing", manifest)
+        if found[rel] != size:
+            return CheckpointInfo(uri, manifest.get("step", guess), False, f"{rel}: {found[rel]} bytes, expected {size}", manifest)
+    return CheckpointInfo(uri, int(manifest.get("step", guess)), True, "", manifest)
+
+
+def list_checkpoints(run_uri: str, s3: S3Options | dict | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint folder of a run, oldest step first (complete or not)."""
+    fs, path = filesystem(run_uri, s3)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    uris = [join(run_uri, e.base_name) for e in entries
+            if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
+    return sorted((inspect_checkpoint(u, s3) for u in uris), key=lambda c: c.step)
+
+
+def latest_checkpoint(run_uri: str, s3: S3Options | dict | None = None) -> CheckpointInfo | None:
+    complete = [c for c in list_checkpoints(run_uri, s3) if c.complete]
+    return complete[-1] if complete else None
+
+
+def remove(uri: str, s3: S3Options | dict | None = None) -> None:
+    fs, path = filesystem(uri, s3)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options | dict | None = None) -> None:
+    """Copy a local folder's files to ``uri`` (any filesystem), keeping what is already there."""
+    fs, path = filesystem(uri, s3)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(os.fspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(uri: str, local_dir: str | os.PathLike, s3: S3Options | dict | None = None) -> str:
+    fs, path = filesystem(uri, s3)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise UserError(f"{uri}: no such folder")
+    os.makedirs(local_dir, exist_ok=True)
+    pafs.copy_files(path, os.fspath(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return os.fspath(local_dir)
+
+
+def local_model_folder(uri: str, cache_dir: str | os.PathLike, s3: S3Options | dict | None = None) -> str:
+    """A folder with config/weights or an adapter, from: a model or adapter folder, a checkpoint
+    folder (its hf/ export), or a run folder (its latest complete checkpoint). Remote ones are
+    downloaded into ``cache_dir``."""
+    fs, path = filesystem(uri, s3)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise UserError(f"{uri}: no such folder")
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path))}
+    if MANIFEST in names:
+        info = inspect_checkpoint(uri, s3)
+        if not info.complete:
+            raise UserError(f"{uri}: incomplete checkpoint ({info.problem})")
+        uri = info.export_uri
+    elif any(n.startswith(CHECKPOINT_PREFIX) for n in names):
+        latest = latest_checkpoint(uri, s3)
+        if latest is None:
+            raise UserError(f"{uri}: no complete checkpoint in this run folder")
+        uri = latest.export_uri
+    if not is_remote(uri):
+        return os.path.abspath(uri)
+    return download(uri, cache_dir, s3)
