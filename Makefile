@@ -9,7 +9,7 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install model demo test clean
+.PHONY: install model ops demo test clean
 
 install: $(VENV)/.installed
 
@@ -24,12 +24,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 model: install
 	$(BIN)/lmflow-ray model prepare-default
 
-demo: model
+# Compiles DeepSpeed's CPUAdam and shared-memory ops once (cached in ~/.cache/torch_extensions).
+ops: install
+	$(BIN)/python -m lmflow_ray.train.ops
+
+demo: model ops
 	$(BIN)/lmflow-ray data validate jobs/demo_lora.yaml
 	$(BIN)/lmflow-ray data stats jobs/demo_lora.yaml
 	$(BIN)/lmflow-ray data preview jobs/demo_lora.yaml --n 2
 
-test: model
+test: model ops
 	$(BIN)/python -m pytest -q
 
 clean:

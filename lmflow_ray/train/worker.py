@@ -37,6 +37,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    transformers_quiet()
 
     # Model: the same seed on every rank, so LoRA's random init agrees everywhere.
     seed_everything(recipe.train.seed)
@@ -59,7 +60,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # Restore: Ray's latest checkpoint of this run (after a restart or a re-run with the same
     # name), else the one the driver found in the run folder.
-    state = {"step": 0, "log_history": []}
+    state = {"step": 0, "log_history": [], "resumed_at": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(config["resume_from"], filesystem=storage.filesystem(config["resume_from"], s3)[0])
@@ -111,6 +112,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 # ---- the pieces the loop calls -------------------------------------------------------------------
+
+
+def transformers_quiet() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # no save/load progress bars in the workers' logs
+    logging.set_verbosity_error()
 
 
 def seed_everything(seed: int) -> None:
@@ -179,7 +187,8 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
             export(strategy.module, weights, tokenizer, os.path.join(folder, storage.EXPORT_DIR))
             with open(os.path.join(folder, "trainer_state.json"), "w") as f:
                 json.dump({"step": step, "epoch": step / plan.steps_per_epoch, "world_size": world,
-                           "plan": plan.to_dict(), "log_history": state["log_history"]}, f, indent=1)
+                           "plan": plan.to_dict(), "log_history": state["log_history"],
+                           "resumed_at": state["resumed_at"]}, f, indent=1)
             with open(os.path.join(folder, "recipe.yaml"), "w") as f:
                 f.write(recipe_to_yaml(recipe))
         everyone: list[Any] = [storage.list_local_files(folder)]
@@ -226,7 +235,8 @@ def restore(folder: str, strategy, rank: int) -> dict:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return {"step": state["step"], "log_history": state["log_history"]}
+    return {"step": state["step"], "log_history": state["log_history"],
+            "resumed_at": [*state.get("resumed_at", []), state["step"]]}
 
 
 def finish(recipe: Recipe, plan: Plan, state: dict, run_uri: str, s3: dict, total_params: int,

@@ -1,0 +1,100 @@
+"""Pure parts of training: step plan, LR schedule, DeepSpeed config derivation, FLOPs, manifests."""
+
+import json
+
+import pytest
+
+from lmflow_ray.config import TrainSection
+from lmflow_ray.errors import UserError
+from lmflow_ray.storage import inspect_checkpoint, latest_checkpoint, list_local_files, write_manifest
+from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
+from lmflow_ray.train.observe import flops_per_token, summary_markdown
+from lmflow_ray.train.plan import lr_multiplier, make_plan
+
+
+def test_plan_counts_full_steps_and_epochs():
+    plan = make_plan(103, 2, TrainSection(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_train_epochs=2.5))
+    assert plan.steps_per_epoch == 103 // 12 == 8
+    assert plan.total_steps == 20
+    assert plan.epoch_of(7) == 0 and plan.epoch_of(8) == 1
+    assert make_plan(103, 2, TrainSection(max_steps=50)).total_steps == 50
+
+
+def test_plan_refuses_data_smaller_than_a_step():
+    with pytest.raises(UserError, match="less than one step"):
+        make_plan(3, 2, TrainSection(per_device_train_batch_size=4))
+
+
+def test_lr_schedules_warm_up_then_decay():
+    plan = make_plan(100, 1, TrainSection(per_device_train_batch_size=1, max_steps=100, warmup_steps=10))
+    assert lr_multiplier(plan, 0) == pytest.approx(1 / 11)
+    assert lr_multiplier(plan, 10) == pytest.approx(1.0)
+    assert lr_multiplier(plan, 55) == pytest.approx(0.5)
+    assert lr_multiplier(plan, 100) == pytest.approx(0.0, abs=1e-12)
+    linear = make_plan(100, 1, TrainSection(per_device_train_batch_size=1, max_steps=100, lr_scheduler_type="linear", warmup_ratio=0.1))
+    assert linear.warmup_steps == 10 and lr_multiplier(linear, 55) == pytest.approx(0.5)
+    const = make_plan(100, 1, TrainSection(per_device_train_batch_size=1, max_steps=100, lr_scheduler_type="constant"))
+    assert lr_multiplier(const, 99) == 1.0
+
+
+def test_deepspeed_presets_take_batch_and_precision_from_the_recipe():
+    assert deepspeed_config(TrainSection(), 2) is None  # plain DDP
+    cfg = deepspeed_config(TrainSection(deepspeed="zero3_offload", per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=4, bf16=True, max_grad_norm=0.5), 3)
+    assert zero_stage(cfg) == 3 and offloads_optimizer(cfg)
+    assert cfg["train_batch_size"] == 24 and cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"] == {"enabled": True}
+    assert zero_stage(deepspeed_config(TrainSection(deepspeed="zero2"), 2)) == 2
+    assert not offloads_optimizer(deepspeed_config(TrainSection(deepspeed="zero2"), 2))
+
+
+def test_deepspeed_json_auto_values_are_filled_and_conflicts_named(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2},
+                                "optimizer": {"type": "Adam"}}))
+    cfg = deepspeed_config(TrainSection(deepspeed=str(path), per_device_train_batch_size=3), 2)
+    assert cfg["train_micro_batch_size_per_gpu"] == 3 and "optimizer" not in cfg
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu is 16"):
+        deepspeed_config(TrainSection(deepspeed=str(path)), 2)
+    path.write_text("{ not json")
+    with pytest.raises(UserError, match=r"ds.json:1: not valid JSON"):
+        deepspeed_config(TrainSection(deepspeed=str(path)), 2)
+    with pytest.raises(UserError, match="neither a preset"):
+        deepspeed_config(TrainSection(deepspeed="zero9"), 2)
+
+
+def test_flops_per_token_counts_weight_gradients_only_when_trained():
+    full = flops_per_token(1000, False, layers=2, hidden=8, width=16)
+    lora = flops_per_token(1000, True, layers=2, hidden=8, width=16)
+    assert full == 6000 + 12 * 2 * 8 * 16 and lora == 4000 + 12 * 2 * 8 * 16
+
+
+def test_manifest_tells_complete_from_partial(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        ckpt = run / f"checkpoint_{step:06d}"
+        (ckpt / "hf").mkdir(parents=True)
+        (ckpt / "hf" / "model.safetensors").write_bytes(b"x" * 100)
+        (ckpt / "rank1.pt").write_bytes(b"y" * 10)
+        write_manifest(ckpt, list_local_files(ckpt), {"step": step})
+    assert inspect_checkpoint(str(run / "checkpoint_000004")).complete
+    (run / "checkpoint_000004" / "rank1.pt").unlink()  # a rank's upload never arrived
+    partial = inspect_checkpoint(str(run / "checkpoint_000004"))
+    assert not partial.complete and "rank1.pt: missing" in partial.problem
+    (run / "checkpoint_000002" / "hf" / "model.safetensors").write_bytes(b"x" * 50)  # cut short
+    assert "50 bytes, expected 100" in inspect_checkpoint(str(run / "checkpoint_000002")).problem
+    (run / "checkpoint_000006").mkdir()  # no manifest at all
+    assert latest_checkpoint(str(run)) is None
+    (run / "checkpoint_000002" / "hf" / "model.safetensors").write_bytes(b"x" * 100)
+    assert latest_checkpoint(str(run)).step == 2
+
+
+def test_summary_markdown_has_the_table():
+    history = [{"step": 1, "loss": 2.0, "learning_rate": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0, "step_time": 0.5, "mfu": 0.1},
+               {"step": 2, "loss": 1.5, "learning_rate": 5e-4, "grad_norm": 0.8, "tokens_per_s": 120.0, "step_time": 0.4, "mfu": 0.12}]
+    info = {"run_name": "r", "model": "m", "method": "LoRA", "strategy": "DDP", "world_size": 2, "device": "cpu",
+            "steps": 2, "total_steps": 2, "total_params": 1000, "trainable_params": 10, "export": "out/hf"}
+    text = summary_markdown(info, history)
+    assert "| loss | 2.0000 at step 1 -> 1.5000 at step 2 |" in text
+    assert "| 2 | 1.5000 | 0.0005 | 0.800 | 120 | 0.400 |" in text
