@@ -1,0 +1,152 @@
+"""Training end to end on the session's real Ray cluster and the real SeaweedFS S3 server:
+LoRA + ZeRO-2 resume/export/merge, full + ZeRO-3 offload resume, a killed worker, ray job submit."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from lmflow_ray.config import load_recipe
+from lmflow_ray.errors import UserError
+from lmflow_ray.storage import S3Options, filesystem, join, list_checkpoints, local_model_folder
+from lmflow_ray.train.trainer import prepare, run
+
+pytestmark = pytest.mark.slow
+
+ORDERS = Path(__file__).resolve().parent.parent / "jobs" / "data" / "support_orders" / "train" / "train.json"
+
+
+@pytest.fixture(scope="module")
+def orders(tmp_path_factory):
+    """240 support e-mails from the shipped task: small enough for quick steps on the tiny model."""
+    folder = tmp_path_factory.mktemp("orders")
+    data = json.loads(ORDERS.read_text())
+    (folder / "orders.json").write_text(json.dumps({"type": "conversation", "instances": data["instances"][:240]}))
+    return folder
+
+
+def recipe(tiny_model_dir, orders, output, *overrides):
+    return load_recipe(None, [f"model_name_or_path={tiny_model_dir}", f"dataset_path={orders}",
+                              "conversation_template=chatml", "block_size=256", "num_workers=2",
+                              "per_device_train_batch_size=2", "learning_rate=1e-3", "logging_steps=1",
+                              f"output_model_path={output}", *overrides])
+
+
+def s3_keys(server):
+    return [f"endpoint_url={server.endpoint}", f"aws_access_key_id={server.access_key}",
+            f"aws_secret_access_key={server.secret_key}"]
+
+
+def trainer_state(checkpoint, s3):
+    fs, path = filesystem(join(checkpoint.uri, "trainer_state.json"), s3)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
+def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_model_dir, orders, tmp_path, repo_python):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = recipe(tiny_model_dir, orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "use_lora=true", "lora_r=4",
+                  "lora_target_modules=q_proj,v_proj", "deepspeed=zero2", "save_steps=2", "run_name=lora")
+    s3 = S3Options.resolve(base.storage)
+    first = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 4})}))
+    assert (first.steps, first.resumed_from) == (4, 0)
+    checkpoints = list_checkpoints(first.run_uri, s3)
+    assert [(c.step, c.complete) for c in checkpoints] == [(2, True), (4, True)]
+    manifest = checkpoints[-1].manifest
+    assert (manifest["world_size"], manifest["zero_stage"], manifest["method"]) == (2, 2, "lora")
+    assert {"hf/adapter_model.safetensors", "hf/adapter_config.json", "hf/tokenizer.json", "rng/rank1.pt",
+            "deepspeed/step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])
+
+    second = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 6})}))
+    assert (second.steps, second.resumed_from, second.metrics["step"]) == (6, 4, 6)
+    state = trainer_state(list_checkpoints(second.run_uri, s3)[-1], s3)
+    assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4, 5, 6]  # 1-4 not trained again
+    assert state["resumed_at"] == [4]
+    assert all(h["mfu"] > 0 and h["tokens_per_s"] > 0 for h in state["log_history"])
+    for name in ("loss.png", "summary.md"):
+        fs, path = filesystem(join(second.run_uri, name), s3)
+        assert fs.get_file_info(path).size > 100, name
+
+    adapter = local_model_folder(second.run_uri, tmp_path / "adapter", s3)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained away from peft's zero init
+    ids = torch.tensor([[3, 10, 20, 30]])
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, 9)
+
+    merged_dir = tmp_path / "merged"
+    proc = repo_python("-m", "lmflow_ray", "merge", "--lora_model_path", second.run_uri,
+                       "--output_model_path", str(merged_dir), env=s3_server.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_full_zero3_offload_checkpoints_and_resumes(ray_local, s3_server, tiny_model_dir, orders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = recipe(tiny_model_dir, orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "deepspeed=zero3_offload",
+                  "save_steps=2", "run_name=full-zero3")
+    s3 = S3Options.resolve(base.storage)
+    first = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 2})}))
+    manifest = list_checkpoints(first.run_uri, s3)[-1].manifest
+    assert (manifest["zero_stage"], manifest["method"]) == (3, "full")
+    assert {"deepspeed/step_2/zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "deepspeed/step_2/zero_pp_rank_1_mp_rank_00_model_states.pt", "hf/model.safetensors"} <= set(manifest["files"])
+
+    with pytest.raises(UserError, match="written by 2 workers with ZeRO-3.*num_workers=2"):
+        prepare(base, first.run_uri, s3, 1, False, print)
+
+    second = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 4})}))
+    assert (second.steps, second.resumed_from) == (4, 2)
+    state = trainer_state(list_checkpoints(second.run_uri, s3)[-1], s3)
+    assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4]
+    tuned = AutoModelForCausalLM.from_pretrained(local_model_folder(second.run_uri, tmp_path / "full", s3))
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, original.state_dict()[n])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+
+
+def _train_workers():
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, s3_server, tiny_model_dir, orders):
+    base = recipe(tiny_model_dir, orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "max_steps=40",
+                  "save_steps=5", "logging_steps=5", "max_failures=1", "run_name=fault")
+    s3 = S3Options.resolve(base.storage)
+    run_uri = join("s3://lmflow-train/runs", "fault")
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if any(c.complete for c in list_checkpoints(run_uri, s3)):
+                workers = _train_workers()
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = run(base)
+    killer.join(timeout=5)
+    assert killed, "no train worker was found to kill"
+    assert result.steps == 40 and result.metrics["step"] == 40
+    checkpoints = list_checkpoints(run_uri, s3)
+    assert checkpoints and all(c.complete for c in checkpoints), [(c.step, c.problem) for c in checkpoints]
+    state = trainer_state(checkpoints[-1], s3)
+    assert state["resumed_at"] and state["resumed_at"][0] % 5 == 0
+    assert [h["step"] for h in state["log_history"]] == list(range(5, 41, 5))
