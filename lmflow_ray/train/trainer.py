@@ -109,7 +109,7 @@ def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"recipe": recipe.model_dump(mode="json"), "plan": plan.to_dict(), "run_uri": run_uri,
-                           "s3": s3.to_dict(), "board": board, "resume_from": resume.uri if resume else None},
+                           "s3": s3.to_dict(), "board": board},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=_use_gpu(recipe),
                                      resources_per_worker=recipe.train.resources_per_worker),
         run_config=RunConfig(

@@ -58,12 +58,14 @@ def train_loop(config: dict[str, Any]) -> None:
         strategy = DDPStrategy(model, plan, recipe.train.learning_rate, recipe.train.weight_decay,
                                recipe.train.max_grad_norm, recipe.train.bf16)
 
-    # Restore: Ray's latest checkpoint of this run (after a restart or a re-run with the same
-    # name), else the one the driver found in the run folder.
+    # Restore from the newest complete checkpoint in the run folder: after a worker-group restart,
+    # on a re-run with the same name, and also when a checkpoint finished uploading just before a
+    # crash but Ray had not yet registered it (ray.train.get_checkpoint() would miss that one).
     state = {"step": 0, "log_history": [], "resumed_at": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"], filesystem=storage.filesystem(config["resume_from"], s3)[0])
+    latest = storage.latest_checkpoint(run_uri, s3)
+    checkpoint = None
+    if latest is not None:
+        checkpoint = ray.train.Checkpoint(storage.filesystem(latest.uri, s3)[1], filesystem=storage.filesystem(latest.uri, s3)[0])
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
@@ -80,11 +82,14 @@ def train_loop(config: dict[str, Any]) -> None:
     for step, micro_batches in steps(shard, plan, state["step"], recipe.train.seed):
         for batch in micro_batches:
             inputs = to_device(collate_columns(batch, tokenizer.pad_token_id, pad_to), device)
-            loss = strategy.model(**inputs, attention_mask=None, use_cache=False).loss
+            trained = int((inputs["labels"] != IGNORE_INDEX).sum())
+            # Mean over trained tokens; a micro-batch whose answers were all cut off gives 0, not NaN.
+            loss = strategy.model(**inputs, attention_mask=None, use_cache=False,
+                                  num_items_in_batch=torch.tensor(max(1, trained), device=device)).loss
             strategy.backward(loss)
             width = inputs["input_ids"].shape[1]
             real = int(sum(len(ids) for ids in batch["input_ids"]))
-            meter.add(float(loss.detach()), real, int((inputs["labels"] != IGNORE_INDEX).sum()),
+            meter.add(float(loss.detach()) * trained, real, trained,
                       real * flops_per_token(n_matmul, recipe.model.use_lora, cfg.num_hidden_layers, cfg.hidden_size, width))
         grad_norm = strategy.finish_step()
         meter.steps += 1
@@ -152,15 +157,14 @@ def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Ten
 def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int) -> dict[str, float]:
     """Sums over every rank: loss, tokens and FLOPs since the last logging step."""
     elapsed = meter.elapsed()
-    totals = torch.tensor([meter.loss_sum, meter.steps * plan.accumulation, meter.tokens, meter.trained, meter.flops, peak],
-                          dtype=torch.float64)
+    totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops, peak], dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
-    loss_sum, micro, tokens, trained, flops, peaks = totals.tolist()
+    loss_sum, tokens, trained, flops, peaks = totals.tolist()
     return {
         "step": step,
         "epoch": round(step / plan.steps_per_epoch, 4),
-        "loss": loss_sum / max(1.0, micro),
+        "loss": loss_sum / max(1.0, trained),  # per trained token over every rank and micro-batch
         "learning_rate": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": tokens / elapsed,
