@@ -27,7 +27,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    kwargs = dict(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, logging_level="ERROR")
+    kwargs = dict(runtime_env=_runtime_env(), log_to_driver=False, logging_level="ERROR")
     if address:
         ray.init(address=address, **kwargs)
         return
@@ -39,6 +39,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         object_store_memory=int(min(2 << 30, total * 0.15)),
         **kwargs,
     )
+
+
+def _runtime_env() -> dict | None:
+    """WORKER_ENV for the workers; under `ray job submit` only the keys the job's own runtime env
+    lacks (Ray refuses a driver runtime env that repeats the job's keys)."""
+    import json
+
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job:
+        return {"env_vars": WORKER_ENV}
+    have = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+    missing = {k: v for k, v in WORKER_ENV.items() if k not in have}
+    return {"env_vars": missing} if missing else None
 
 
 def quiet_data_logs() -> None:
