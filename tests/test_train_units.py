@@ -98,3 +98,16 @@ def test_summary_markdown_has_the_table():
     text = summary_markdown(info, history)
     assert "| loss | 2.0000 at step 1 -> 1.5000 at step 2 |" in text
     assert "| 2 | 1.5000 | 0.0005 | 0.800 | 120 | 0.400 |" in text
+
+
+def test_driver_inside_a_job_adds_only_env_vars_the_job_lacks(monkeypatch):
+    from lmflow_ray.ray_init import WORKER_ENV, _runtime_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _runtime_env() == {"env_vars": WORKER_ENV}
+    job = {"runtime_env": {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "1", "MALLOC_TRIM_THRESHOLD_": "2"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _runtime_env() == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    job["runtime_env"]["env_vars"] = dict(WORKER_ENV)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _runtime_env() is None

@@ -8,8 +8,6 @@ from typing import Any
 from lmflow_ray.config import ModelSection
 from lmflow_ray.errors import UserError
 
-# LMFlow's default when lora_target_modules is not given: let peft pick the model's known modules.
-
 
 def apply_lora(model: Any, section: ModelSection) -> Any:
     """Wrap ``model`` in a PeftModel with the recipe's r / alpha / dropout / targets / DoRA flag."""
@@ -49,7 +47,8 @@ def load_with_adapter(base: str, adapter_folder: str | os.PathLike, section: Mod
 
 
 def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None) -> str:
-    """Base + adapter -> one standalone model folder (weights, config, tokenizer), written atomically."""
+    """Base + adapter -> one standalone model folder (weights, config, tokenizer), written aside and
+    swapped in when complete (an existing folder there is replaced)."""
     import shutil
     import tempfile
 
@@ -65,16 +64,19 @@ def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, 
     merged = load_with_adapter(base, adapter_folder).merge_and_unload()
     tok_source = adapter_folder if os.path.isfile(os.path.join(adapter_folder, "tokenizer_config.json")) else resolve_model_path(base)
     output = os.path.abspath(output)
-    if os.path.exists(output) and os.listdir(output):
-        raise UserError(f"{output}: output folder exists and is not empty")
+    if os.path.isfile(output):
+        raise UserError(f"{output}: is a file; --output_model_path names a folder")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".merge-", dir=os.path.dirname(output))
     try:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
-        if os.path.isdir(output):
-            os.rmdir(output)
+        # Swap in only once complete: a crash leaves the old folder (or none), never half a model.
+        old = f"{tmp}-old"
+        if os.path.exists(output):
+            os.rename(output, old)
         os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -170,6 +170,7 @@ def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: fl
         "tokens_per_s": tokens / elapsed,
         "trained_tokens_per_s": trained / elapsed,
         "step_time": elapsed / max(1, meter.steps),
+        "flops_per_s": flops / elapsed,
         "mfu": flops / elapsed / peaks if peaks else 0.0,
     }
 
