@@ -34,7 +34,7 @@ demo: model ops
 	$(BIN)/lmflow-ray data preview jobs/demo_lora.yaml --n 2
 
 test: model ops
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -27,7 +27,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from lmflow_ray.config import load_recipe  # noqa: E402
 from lmflow_ray.data.packing import collate  # noqa: E402
-from lmflow_ray.data.tokenize import IGNORE_INDEX  # noqa: E402
 from lmflow_ray.storage import latest_checkpoint  # noqa: E402
 from lmflow_ray.train.observe import flops_per_token, measure_matmul_peak  # noqa: E402
 
@@ -61,7 +60,6 @@ def ray_run(method: str, packing: bool, steps: int, out: str, machine_peak: floa
 
 def hf_run(method: str, packing: bool, steps: int, machine_peak: float) -> dict:
     """transformers.Trainer in this process (2 threads) on the same packed (or padded) rows."""
-    import ray
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -104,7 +102,6 @@ def hf_run(method: str, packing: bool, steps: int, machine_peak: float) -> dict:
     tps = [t / s for t, s in zip(per_step_tokens[1:], timer.times[1:])]
     flops = [t * flops_per_token(n_matmul, r.model.use_lora, cfg.num_hidden_layers, cfg.hidden_size, w) / s
              for t, w, s in zip(per_step_tokens[1:], widths[1:], timer.times[1:])]
-    del ray
     return {"runner": "HF Trainer, 1 process", "method": method, "layout": "packed" if packing else "pad-to-block",
             "steps_timed": steps - 1, "tokens_per_s": statistics.median(tps),
             "step_time_s": statistics.median(timer.times[1:]), "mfu": statistics.median(flops) / machine_peak}

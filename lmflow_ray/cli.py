@@ -202,12 +202,11 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
     from pathlib import Path
 
     from lmflow_ray.ray_init import connect, quiet_data_logs
+    from lmflow_ray.storage import join
     from lmflow_ray.train.trainer import run
 
     target, overrides = _split(extras)
     recipe = _recipe(target, overrides)
-    if not recipe.data.dataset_path:
-        raise UserError("data.dataset_path: required; pass --dataset_path PATH or use a recipe that sets it")
     print("starting Ray ...", file=sys.stderr)
     connect(args.address)
     quiet_data_logs()
@@ -219,16 +218,10 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
         + (f", loss {m['loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s, MFU {m['mfu']:.2%}" if "loss" in m else ""))
     print(f"run folder:   {result.run_uri}")
     print(f"final model:  {result.export_uri}")
-    print(f"loss curve:   {storage_join(result.run_uri, 'loss.png')}")
-    print(f"summary:      {storage_join(result.run_uri, 'summary.md')}")
-    print(f"tensorboard:  tensorboard --logdir {storage_join(result.run_uri, 'tensorboard')}")
+    print(f"loss curve:   {join(result.run_uri, 'loss.png')}")
+    print(f"summary:      {join(result.run_uri, 'summary.md')}")
+    print(f"tensorboard:  tensorboard --logdir {join(result.run_uri, 'tensorboard')}")
     return 0
-
-
-def storage_join(uri: str, name: str) -> str:
-    from lmflow_ray.storage import join
-
-    return join(uri, name)
 
 
 def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
@@ -251,6 +244,10 @@ def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
 # ---- entry point -----------------------------------------------------------------------------
 
 
+def _address_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="a Ray cluster to use (default: RAY_ADDRESS, else a private local one)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmflow-ray",
@@ -269,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--raw", action="store_true", help="print the exact rendered strings")
     pv.set_defaults(func=cmd_data_preview)
     st = data_verbs.add_parser("stats", help="samples, tokens, truncation, packing efficiency: RECIPE [overrides]", allow_abbrev=False)
-    st.add_argument("--address", default=None, help="a Ray cluster to use (default: RAY_ADDRESS, else a private local one)")
+    _address_flag(st)
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     st.set_defaults(func=cmd_data_stats)
 
@@ -280,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     pd.set_defaults(func=cmd_model_prepare_default)
 
     t = verbs.add_parser("train", help="fine-tune on Ray Train: RECIPE [overrides]", allow_abbrev=False)
-    t.add_argument("--address", default=None, help="a Ray cluster to use (default: RAY_ADDRESS, else a private local one)")
+    _address_flag(t)
     t.add_argument("--fresh", action="store_true", help="start over: delete this run_name's checkpoints first")
     t.set_defaults(func=cmd_train)
 

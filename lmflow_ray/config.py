@@ -43,6 +43,11 @@ class ModelSection(_Section):
     rope_pi_ratio: float = Field(1.0, ge=1.0)
     rope_ntk_ratio: float = Field(1.0, ge=1.0)
 
+    @property
+    def method(self) -> str:
+        """How the weights are tuned, as checkpoints record it."""
+        return "lora" if self.use_lora else "full"
+
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:

@@ -82,6 +82,10 @@ EXPORT_DIR = "hf"
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -125,15 +129,16 @@ def inspect_checkpoint(uri: str, s3: S3Options | dict | None = None) -> Checkpoi
     import json
 
     fs, path = filesystem(uri, s3)
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    guess = int(name[len(CHECKPOINT_PREFIX):]) if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() else -1
+    digits = path.rstrip("/").rsplit("/", 1)[-1].removeprefix(CHECKPOINT_PREFIX)
+    step = int(digits) if digits.isdigit() else -1  # from the folder name until the manifest says
     try:
         with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
     except (FileNotFoundError, OSError):
-        return CheckpointInfo(uri, guess, False, "no manifest.json (partial or not an lmflow-ray checkpoint)")
+        return CheckpointInfo(uri, step, False, "no manifest.json (partial or not an lmflow-ray checkpoint)")
     except ValueError:
-        return CheckpointInfo(uri, guess, False, "manifest.json is not valid JSON")
+        return CheckpointInfo(uri, step, False, "manifest.json is not valid JSON")
+    step = int(manifest.get("step", step))
     found = {
         i.path[len(path) + 1 :]: i.size
         for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -141,27 +146,34 @@ def inspect_checkpoint(uri: str, s3: S3Options | dict | None = None) -> Checkpoi
     }
     for rel, size in manifest.get("files", {}).items():
         if rel not in found:
-            return CheckpointInfo(uri, manifest.get("step", guess), False, f"{rel}: missing", manifest)
+            return CheckpointInfo(uri, step, False, f"{rel}: missing", manifest)
         if found[rel] != size:
-            return CheckpointInfo(uri, manifest.get("step", guess), False, f"{rel}: {found[rel]} bytes, expected {size}", manifest)
-    return CheckpointInfo(uri, int(manifest.get("step", guess)), True, "", manifest)
+            return CheckpointInfo(uri, step, False, f"{rel}: {found[rel]} bytes, expected {size}", manifest)
+    return CheckpointInfo(uri, step, True, "", manifest)
 
-
-def list_checkpoints(run_uri: str, s3: S3Options | dict | None = None) -> list[CheckpointInfo]:
-    """Every checkpoint folder of a run, oldest step first (complete or not)."""
+def _checkpoint_uris(run_uri: str, s3: S3Options | dict | None) -> list[str]:
+    """checkpoint_NNNNNN folders of a run, oldest first (the zero-padded name sorts by step)."""
     fs, path = filesystem(run_uri, s3)
     try:
         entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError:
         return []
-    uris = [join(run_uri, e.base_name) for e in entries
-            if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
-    return sorted((inspect_checkpoint(u, s3) for u in uris), key=lambda c: c.step)
+    return sorted(join(run_uri, e.base_name) for e in entries
+                  if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX))
+
+
+def list_checkpoints(run_uri: str, s3: S3Options | dict | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint folder of a run, oldest step first (complete or not)."""
+    return [inspect_checkpoint(u, s3) for u in _checkpoint_uris(run_uri, s3)]
 
 
 def latest_checkpoint(run_uri: str, s3: S3Options | dict | None = None) -> CheckpointInfo | None:
-    complete = [c for c in list_checkpoints(run_uri, s3) if c.complete]
-    return complete[-1] if complete else None
+    """The newest complete checkpoint; older ones are not even opened."""
+    for uri in reversed(_checkpoint_uris(run_uri, s3)):
+        info = inspect_checkpoint(uri, s3)
+        if info.complete:
+            return info
+    return None
 
 
 def remove(uri: str, s3: S3Options | dict | None = None) -> None:

@@ -36,14 +36,13 @@ def adapter_base(folder: str | os.PathLike) -> str | None:
         return json.load(f).get("base_model_name_or_path")
 
 
-def load_with_adapter(base: str, adapter_folder: str | os.PathLike, section: ModelSection | None = None) -> Any:
+def load_with_adapter(base: str, adapter_folder: str | os.PathLike) -> Any:
     """Base model (a folder or `default`) with the adapter on top, as a PeftModel."""
     from peft import PeftModel
 
     from lmflow_ray.model.load import load_model
 
-    section = (section or ModelSection()).model_copy(update={"model_name_or_path": base, "use_lora": False})
-    return PeftModel.from_pretrained(load_model(section), os.fspath(adapter_folder))
+    return PeftModel.from_pretrained(load_model(ModelSection(model_name_or_path=base)), os.fspath(adapter_folder))
 
 
 def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None) -> str:

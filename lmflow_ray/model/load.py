@@ -8,9 +8,6 @@ from lmflow_ray.config import ModelSection
 from lmflow_ray.embedded import resolve_model_path
 from lmflow_ray.errors import UserError
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def attention_implementation(section: ModelSection) -> str:
     """flash_attention_2 when asked for and installed on a GPU, else sdpa (with a clear message)."""
     if not section.use_flash_attention:
@@ -25,16 +22,15 @@ def attention_implementation(section: ModelSection) -> str:
     return "flash_attention_2"
 
 
-def load_model(section: ModelSection, dtype: str = "float32", path: str | None = None) -> Any:
+def load_model(section: ModelSection, dtype: str = "float32") -> Any:
     """AutoModelForCausalLM in ``dtype`` (training keeps float32 master weights; mixed precision
     is the strategy's job)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    source = path or resolve_model_path(section.model_name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, DTYPES.get(dtype, "float32")),
+            resolve_model_path(section.model_name_or_path), dtype=getattr(torch, dtype),
             trust_remote_code=section.trust_remote_code,
             attn_implementation=attention_implementation(section),
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from statistics import median
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,8 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
         f"| trainable parameters | {info['trainable_params']:,} of {info['total_params']:,} |",
         f"| loss | {first.get('loss', float('nan')):.4f} at step {first.get('step', '-')} -> "
         f"{last.get('loss', float('nan')):.4f} at step {last.get('step', '-')} |",
-        f"| tokens/s (all workers, median) | {_median(tps):,.0f} |",
-        f"| MFU (median) | {_median(mfu):.2%} |",
+        f"| tokens/s (all workers, median) | {median(tps) if tps else math.nan:,.0f} |",
+        f"| MFU (median) | {median(mfu) if mfu else math.nan:.2%} |",
         f"| final export | `{info['export']}` |",
         "",
         "![loss](loss.png)",
@@ -131,9 +132,3 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
                      f"{h.get('grad_norm', float('nan')):.3f} | {h.get('tokens_per_s', 0):,.0f} | {h.get('step_time', 0):.3f} |")
     return "\n".join(lines) + "\n"
 
-
-def _median(values: list[float]) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]

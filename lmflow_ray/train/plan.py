@@ -20,10 +20,6 @@ class Plan:
     warmup_steps: int
     scheduler: str
 
-    @property
-    def micro_batches_per_step(self) -> int:
-        return self.accumulation
-
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 

@@ -88,6 +88,7 @@ class DeepSpeedStrategy:
 class DDPStrategy:
     name = "ddp"
     label = "DDP"
+    stage = 0  # no ZeRO partitioning
 
     def __init__(self, model: Any, plan: Plan, lr: float, weight_decay: float, max_grad_norm: float, bf16: bool):
         import ray.train.torch

@@ -51,21 +51,23 @@ def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool
         storage.remove(run_uri, s3)
         say(f"--fresh: removed {run_uri}")
         return None
-    for partial in [c for c in storage.list_checkpoints(run_uri, s3) if not c.complete]:
+    checkpoints = storage.list_checkpoints(run_uri, s3)
+    for partial in [c for c in checkpoints if not c.complete]:
         say(f"removing incomplete checkpoint {partial.uri} ({partial.problem})")
         storage.remove(partial.uri, s3)
-    latest = storage.latest_checkpoint(run_uri, s3)
-    if latest is None:
+    complete = [c for c in checkpoints if c.complete]
+    if not complete:
         return None
+    latest = complete[-1]
     saved_world, saved_stage = latest.manifest.get("world_size"), latest.manifest.get("zero_stage", 0)
     stage = zero_stage(deepspeed_config(recipe.train, world))
     if saved_world != world and max(stage, saved_stage) > 0:
         raise UserError(
             f"{latest.uri}: written by {saved_world} workers with ZeRO-{saved_stage}, whose optimizer state is "
             f"partitioned per worker; resume with num_workers={saved_world}, or start over with --fresh")
-    if latest.manifest.get("method") != ("lora" if recipe.model.use_lora else "full"):
+    if latest.manifest.get("method") != recipe.model.method:
         raise UserError(f"{latest.uri}: a {latest.manifest.get('method')} checkpoint; the recipe asks for "
-                        f"{'lora' if recipe.model.use_lora else 'full'} (use --fresh or another run_name)")
+                        f"{recipe.model.method} (use --fresh or another run_name)")
     return latest
 
 
@@ -73,8 +75,7 @@ def token_parts(recipe: Recipe, world: int) -> list:
     """The packed rows, materialised in the cluster's object store, in a fixed order, split in ``world``."""
     ds = build_dataset(recipe)
     ds.context.execution_options.preserve_order = True
-    parts = ds.materialize().split(world, equal=True)
-    return parts
+    return ds.materialize().split(world, equal=True)
 
 
 def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print, progress: bool = True) -> RunResult:

@@ -62,15 +62,13 @@ def train_loop(config: dict[str, Any]) -> None:
     # on a re-run with the same name, and also when a checkpoint finished uploading just before a
     # crash but Ray had not yet registered it (ray.train.get_checkpoint() would miss that one).
     state = {"step": 0, "log_history": [], "resumed_at": []}
-    latest = storage.latest_checkpoint(run_uri, s3)
-    checkpoint = None
-    if latest is not None:
-        checkpoint = ray.train.Checkpoint(storage.filesystem(latest.uri, s3)[1], filesystem=storage.filesystem(latest.uri, s3)[0])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
-    else:
+    latest = storage.latest_checkpoint(run_uri, s3)  # complete by its manifest
+    if latest is None:
         seed_everything(recipe.train.seed + rank)
+    else:
+        fs, path = storage.filesystem(latest.uri, s3)
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+            state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
     peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
     meter = Meter()
@@ -196,18 +194,19 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
                            "resumed_at": state["resumed_at"]}, f, indent=1)
             with open(os.path.join(folder, "recipe.yaml"), "w") as f:
                 f.write(recipe_to_yaml(recipe))
-        everyone: list[Any] = [storage.list_local_files(folder)]
+        mine = storage.list_local_files(folder)
+        everyone: list[Any] = [mine]
         if world > 1:
             everyone = [None] * world
-            torch.distributed.all_gather_object(everyone, storage.list_local_files(folder))
+            torch.distributed.all_gather_object(everyone, mine)
         if rank == 0:
             files = {k: v for part in everyone for k, v in part.items()}
             storage.write_manifest(folder, files, {
-                "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": getattr(strategy, "stage", 0),
-                "method": "lora" if recipe.model.use_lora else "full", "base_model": recipe.model.model_name_or_path,
+                "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
+                "method": recipe.model.method, "base_model": recipe.model.model_name_or_path,
                 "export": storage.EXPORT_DIR})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"{storage.CHECKPOINT_PREFIX}{step:06d}")
+                         checkpoint_dir_name=storage.checkpoint_name(step))
         if tb is not None:
             storage.upload(tb.folder, storage.join(run_uri, "tensorboard"), s3)
     finally:
@@ -227,9 +226,6 @@ def rng_state() -> dict:
 
 def restore(folder: str, strategy, rank: int) -> dict:
     """Optimizer, schedule, weights, this rank's RNG and the step count from a complete checkpoint."""
-    info = storage.inspect_checkpoint(folder)
-    if not info.complete:
-        raise RuntimeError(f"refusing to resume from an incomplete checkpoint: {info.problem}")
     strategy.load(folder)
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
@@ -254,7 +250,7 @@ def finish(recipe: Recipe, plan: Plan, state: dict, run_uri: str, s3: dict, tota
                 "method": "LoRA" + (" (DoRA)" if recipe.model.use_dora else "") if recipe.model.use_lora else "full fine-tuning",
                 "strategy": strategy.label, "world_size": world, "device": device.type, "steps": state["step"],
                 "total_steps": plan.total_steps, "total_params": total_params, "trainable_params": trainable_params,
-                "export": storage.join(run_uri, f"{storage.CHECKPOINT_PREFIX}{state['step']:06d}", storage.EXPORT_DIR)}
+                "export": storage.join(run_uri, storage.checkpoint_name(state["step"]), storage.EXPORT_DIR)}
         with open(os.path.join(folder, "summary.md"), "w") as f:
             f.write(summary_markdown(info, state["log_history"]))
         storage.upload(folder, run_uri, s3)
