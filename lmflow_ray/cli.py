@@ -241,6 +241,73 @@ def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+# ---- serve / chat ------------------------------------------------------------------------------
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace, extras: list[str]) -> int:
+    import signal
+    import time
+
+    from lmflow_ray.ray_init import connect
+    from lmflow_ray.serve.app import APP_NAME, build_app
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    app = build_app(recipe)  # resolves the model and engine first: bad input fails before Ray starts
+    section = recipe.serve
+    print("starting Ray ...", file=sys.stderr)
+    connect(args.address)
+    from ray import serve
+
+    private = not (args.address or os.environ.get("RAY_ADDRESS"))
+    serve.start(http_options={"host": section.host, "port": section.port})
+    print("deploying (loading the model in each replica) ...", file=sys.stderr, flush=True)
+    started = time.time()
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{section.host}:{section.port}"
+    print(f"ready in {time.time() - started:.0f} s", file=sys.stderr)
+    print(f"OpenAI API:  {url}/v1   (models: {url}/v1/models)")
+    print(f"web chat:    {url}/")
+    print(f"health:      {url}/health", flush=True)
+    if args.detach:
+        if private:
+            raise UserError("--detach needs a running cluster (--address or RAY_ADDRESS); a private one ends with this command")
+        return 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+    finally:
+        serve.delete(APP_NAME)
+        if private:
+            serve.shutdown()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.serve.chat import endpoint_replies, local_replies, run_chat
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    options = {"max_tokens": args.max_new_tokens or recipe.serve.max_new_tokens, "temperature": args.temperature}
+    if args.end_string:
+        options["stop"] = [args.end_string]
+    if args.url:
+        if target:
+            raise UserError("chat: give a RECIPE (a local model) or --url (a running server), not both")
+        reply = endpoint_replies(args.url, args.model, args.api_key or os.environ.get("LMFLOW_RAY_API_KEY"))
+    else:
+        print("loading the model ...", file=sys.stderr, flush=True)
+        reply = local_replies(recipe)
+    return run_chat(reply, options, system=args.system)
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 
@@ -287,6 +354,21 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model_name_or_path", default=None, help="base model (default: the adapter's own base)")
     m.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     m.set_defaults(func=cmd_merge)
+
+    sv = verbs.add_parser("serve", help="deploy a model on Ray Serve behind the OpenAI API: RECIPE [overrides]", allow_abbrev=False)
+    _address_flag(sv)
+    sv.add_argument("--detach", action="store_true", help="deploy into the running cluster and return")
+    sv.set_defaults(func=cmd_serve)
+
+    c = verbs.add_parser("chat", help="terminal chat: [RECIPE] for a local model, or --url for a server", allow_abbrev=False)
+    c.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000")
+    c.add_argument("--model", default=None, help="served model name (default: the first listed)")
+    c.add_argument("--api_key", default=None, help="Bearer key (default: LMFLOW_RAY_API_KEY)")
+    c.add_argument("--system", default=None, help="a system prompt")
+    c.add_argument("--max_new_tokens", type=int, default=None, help="tokens per reply (default: serve.max_new_tokens)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--end_string", default=None, help="stop a reply at this string (LMFlow's flag)")
+    c.set_defaults(func=cmd_chat)
 
     r = verbs.add_parser("recipe", help="print a recipe with defaults and overrides applied: [RECIPE] [overrides]", allow_abbrev=False)
     r.set_defaults(func=cmd_recipe)

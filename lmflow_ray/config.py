@@ -101,13 +101,20 @@ class StorageSection(_Section):
 
 
 class ServeSection(_Section):
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto = vLLM where it is installed, else transformers")
+    served_model_name: str | None = Field(None, description="empty = the run or folder name (`SmolLM2-135M-Instruct` for default)")
+    lora_adapters: dict[str, str] | None = Field(None, description="name -> adapter folder or checkpoint URI; served as BASE:name")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
-    max_ongoing_requests: int = Field(8, ge=1)
-    api_key: str | None = None
-    max_new_tokens: int = Field(256, ge=1)
+    max_ongoing_requests: int = Field(8, ge=1, description="per replica; more at once get 503 + Retry-After")
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    api_key: str | None = Field(None, description="Bearer key clients must send; empty = LMFLOW_RAY_API_KEY, if set")
+    max_new_tokens: int = Field(256, ge=1, description="the cap on max_tokens per request")
+    max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
+    vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
 
 
 class EvalSection(_Section):
@@ -243,8 +250,10 @@ def _at(where: str, lines: dict[str, int], key: str) -> str:
     return f"{where}:{lines[key]}" if key in lines else where
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or none: all defaults) and apply overrides; errors name file, line, key."""
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                inline: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe (or none: all defaults), lay ``inline`` sections over it (a Serve config's
+    args), and apply overrides; errors name file, line, key."""
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     where = "recipe"
@@ -266,6 +275,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{where}: a recipe is a mapping of sections (model, data, train, ...)")
         data = loaded
         lines = _yaml_lines(text)
+    for key, value in (inline or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
 
     nested = _nest(data, where, lines)
     origin: dict[tuple[str, str], str] = {

@@ -201,10 +201,9 @@ def download(uri: str, local_dir: str | os.PathLike, s3: S3Options | dict | None
     return os.fspath(local_dir)
 
 
-def local_model_folder(uri: str, cache_dir: str | os.PathLike, s3: S3Options | dict | None = None) -> str:
-    """A folder with config/weights or an adapter, from: a model or adapter folder, a checkpoint
-    folder (its hf/ export), or a run folder (its latest complete checkpoint). Remote ones are
-    downloaded into ``cache_dir``."""
+def export_uri(uri: str, s3: S3Options | dict | None = None) -> str:
+    """The folder with config/weights or an adapter that ``uri`` stands for: a model or adapter
+    folder itself, a checkpoint folder's hf/ export, or a run folder's latest complete checkpoint."""
     fs, path = filesystem(uri, s3)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise UserError(f"{uri}: no such folder")
@@ -213,12 +212,18 @@ def local_model_folder(uri: str, cache_dir: str | os.PathLike, s3: S3Options | d
         info = inspect_checkpoint(uri, s3)
         if not info.complete:
             raise UserError(f"{uri}: incomplete checkpoint ({info.problem})")
-        uri = info.export_uri
-    elif any(n.startswith(CHECKPOINT_PREFIX) for n in names):
+        return info.export_uri
+    if any(n.startswith(CHECKPOINT_PREFIX) for n in names):
         latest = latest_checkpoint(uri, s3)
         if latest is None:
             raise UserError(f"{uri}: no complete checkpoint in this run folder")
-        uri = latest.export_uri
+        return latest.export_uri
+    return uri
+
+
+def local_model_folder(uri: str, cache_dir: str | os.PathLike, s3: S3Options | dict | None = None) -> str:
+    """``export_uri(uri)`` as a local folder; remote ones are downloaded into ``cache_dir``."""
+    uri = export_uri(uri, s3)
     if not is_remote(uri):
         return os.path.abspath(uri)
     return download(uri, cache_dir, s3)

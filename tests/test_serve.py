@@ -1,0 +1,316 @@
+"""Serving: the transformers engine's batching against plain generate, the OpenAI API through the
+real `openai` client on Ray Serve (a LoRA checkpoint straight from the S3 server, adapters by name),
+bad requests, the API key, the admission limit under 50 concurrent requests, and the web page in
+headless chromium."""
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO
+from s3server import free_ports
+
+KEY = "sk-lmflow-test"
+
+
+def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter on the tiny model with random (non-zero) B, so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {"support": _adapter(tiny_model_dir, root / "support", 1), "terse": _adapter(tiny_model_dir, root / "terse", 2)}
+
+
+def _reference(base_dir, adapter_dir, prompt_ids, n):
+    """Greedy continuation by plain transformers generate, no server, no batching."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter_dir:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    out = model.eval().generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+# ---- the engine alone ------------------------------------------------------------------------
+
+def test_engine_batches_concurrent_requests_with_the_same_tokens_as_generate(tiny_model_dir, adapters):
+    from lmflow_ray.serve.engines import Sampling, TransformersEngine
+
+    engine = TransformersEngine(str(tiny_model_dir), {"tiny:support": str(adapters["support"])}, threads=1)
+    prompts = ["Hello, how are you?", "The capital of France is", "Please convert the date to ISO format: 2024-01-31."]
+    ids = [engine.encode_text(p) for p in prompts]
+
+    async def together():
+        jobs = [engine.complete(i, Sampling(max_tokens=10, temperature=0), a)
+                for i, a in zip(ids, [None, "tiny:support", None])]
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(together())
+    assert engine.batches == 1 and engine.rows == 3  # one batch, three rows, base and adapter side by side
+    for i, (prompt, result, adapter) in enumerate(zip(ids, results, [None, adapters["support"], None])):
+        expected = [t for t in _reference(tiny_model_dir, adapter, prompt, 10) if t not in engine.eos_ids]
+        assert result.text == engine.tokenizer.decode(expected, skip_special_tokens=True), i
+        assert result.finish_reason == "length" and result.completion_tokens == 10
+
+
+def test_engine_streams_and_stops_at_a_stop_string(tiny_model_dir):
+    from lmflow_ray.serve.engines import Sampling, TransformersEngine
+
+    engine = TransformersEngine(str(tiny_model_dir), threads=1)
+    ids = engine.encode_text("Hello, how are you?")
+
+    async def pieces(sampling):
+        return [p async for p in engine.stream(ids, sampling)]
+
+    full = asyncio.run(pieces(Sampling(max_tokens=12, temperature=0)))
+    text = "".join(p.text for p in full)
+    assert len(full) > 3 and full[-1].finish_reason == "length"
+    stop = text[4:6]
+    cut = asyncio.run(pieces(Sampling(max_tokens=12, temperature=0, stops=[stop])))
+    assert "".join(p.text for p in cut) == text[: text.find(stop)]
+    assert cut[-1].finish_reason == "stop"
+
+
+# ---- one deployment on the session's Ray cluster ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(ray_local, s3_server, tiny_model_dir, adapters):
+    """A LoRA run in S3 (its adapter on the local tiny base) plus a second adapter, an API key and
+    a limit of 2 requests at once."""
+    from ray import serve
+
+    from lmflow_ray import storage
+    from lmflow_ray.config import load_recipe
+    from lmflow_ray.serve.app import APP_NAME, build_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / storage.checkpoint_name(4)
+        shutil.copytree(adapters["support"], checkpoint / storage.EXPORT_DIR)
+        storage.write_manifest(checkpoint, storage.list_local_files(checkpoint), {"step": 4})
+        s3 = {"endpoint_url": s3_server.endpoint, "access_key": s3_server.access_key, "secret_key": s3_server.secret_key}
+        run_uri = "s3://lmflow-serve/runs/support-bot"
+        storage.upload(checkpoint, storage.join(run_uri, checkpoint.name), s3)
+    port = free_ports(1)[0]
+    recipe = load_recipe(None, [
+        f"model_name_or_path={run_uri}", f"endpoint_url={s3_server.endpoint}",
+        f"aws_access_key_id={s3_server.access_key}", f"aws_secret_access_key={s3_server.secret_key}",
+        "engine=transformers", "served_model_name=tiny", f"lora_adapters={{terse: {adapters['terse']}}}",
+        f"api_key={KEY}", "max_ongoing_requests=2", "max_new_tokens=64", f"port={port}",
+    ])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(recipe), name=APP_NAME, route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=f"{served}/v1", api_key=KEY, max_retries=0)
+
+
+def _tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_openai_client_chat_stream_completion_and_models(client, tiny_model_dir, adapters):
+    names = [m.id for m in client.models.list()]
+    assert names == ["tiny", "tiny:support-bot", "tiny:terse"]
+
+    messages = [{"role": "user", "content": "Hello, how are you?"}]
+    tok = _tiny_tokenizer(tiny_model_dir)
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    for model, adapter in [("tiny", None), ("tiny:support-bot", adapters["support"])]:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        expected = tok.decode([t for t in _reference(tiny_model_dir, adapter, prompt, 8) if t != tok.eos_token_id],
+                              skip_special_tokens=True)
+        assert reply.choices[0].message.content == expected, model
+        assert reply.usage.prompt_tokens == len(prompt) and reply.model == model
+
+    base = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == base.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    adapted = client.chat.completions.create(model="tiny:terse", messages=messages, max_tokens=8, temperature=0)
+    assert adapted.choices[0].message.content != base.choices[0].message.content
+
+    completion = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 6
+    streamed = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
+
+
+BAD = [  # (body, status, param)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ({"model": "tiny", "messages": []}, 400, "messages"),
+    ({"model": "tiny", "messages": "hello"}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"model": "tiny", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ({"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi " * 400}]}, 400, "messages"),
+    ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+]
+BAD_COMPLETIONS = [
+    ({"model": "tiny", "prompt": ""}, 400, "prompt"),
+    ({"model": "tiny", "prompt": ["one", "two"]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": [1, 2, 10 ** 9]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 250}, 400, "max_tokens"),
+]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_with_an_openai_error_body(served):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [("chat/completions", *c) for c in BAD] + [("completions", *c) for c in BAD_COMPLETIONS]
+    assert len(cases) >= 12
+    for path, body, status, param in cases:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = requests.post(f"{served}/v1/{path}", data=data, headers={**auth, "Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == status, (body, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error", r.text
+        assert error["param"] == param, (body, error)
+    r = requests.get(f"{served}/v1/nothing-here", headers=auth, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    r = requests.get(f"{served}/v1/chat/completions", headers=auth, timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_the_api_key_is_required(served):
+    import openai
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}]:
+        r = requests.post(f"{served}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+    assert requests.get(f"{served}/v1/models", timeout=30).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{served}/v1", api_key="wrong", max_retries=0).models.list()
+    assert requests.post(f"{served}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                         timeout=30).status_code == 200
+    assert requests.get(f"{served}/health", timeout=30).json()["status"] == "ok"  # probes need no key
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_requests_end_in_200_or_503_and_the_server_stays_up(served):
+    def one(i):
+        try:
+            r = requests.post(f"{served}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                              json={"model": "tiny", "prompt": f"Hello {i}", "max_tokens": 24, "stream": i % 2 == 0})
+            return r.status_code, r.headers.get("Retry-After"), r.text
+        except requests.RequestException as err:
+            return "error", None, repr(err)
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    counts = Counter(status for status, _, _ in results)
+    assert set(counts) <= {200, 503}, counts
+    assert counts[200] >= 2 and counts[503] >= 1, counts
+    for status, retry_after, text in results:
+        if status == 503:
+            assert retry_after == "1" and json.loads(text)["error"]["code"] == "overloaded"
+    health = requests.get(f"{served}/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+# ---- the web page in headless chromium --------------------------------------------------------
+
+def _chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="lr-chromium-")
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+                 "--window-size=1100,760", f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver"),
+                              options=options)
+    return driver, profile
+
+
+@pytest.mark.slow
+def test_web_page_streams_a_reply_in_headless_chromium(served):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ.setdefault("SE_OFFLINE", "true")
+    driver, profile = _chromium()
+    try:
+        driver.get(f"{served}/")
+        driver.find_element(By.ID, "key").send_keys(KEY)
+        driver.execute_script("document.getElementById('key').onchange()")
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        assert [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")][0] == "tiny"
+        driver.find_element(By.ID, "input").send_keys("Hello, how are you?")
+        driver.find_element(By.ID, "send").click()
+        seen = []
+
+        def finished(d):
+            replies = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+            if replies:
+                seen.append(replies[-1].text)
+                return replies[-1].get_attribute("data-state") == "done"
+            return bool(d.find_elements(By.CSS_SELECTOR, ".msg.error"))
+
+        WebDriverWait(driver, 60, poll_frequency=0.02).until(finished)
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.error")]
+        assert not errors
+        assert len(set(seen)) > 2, seen  # the reply grew in steps: streamed, not dropped in at the end
+        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
+        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello, how are you?"
+        assert reply.strip()
+        shot = REPO / "tests" / "artifacts" / "webchat.png"
+        shot.parent.mkdir(exist_ok=True)
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 5000
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
