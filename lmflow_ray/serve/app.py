@@ -8,87 +8,21 @@ serve_apps/ use ``app_builder``; ``lmflow-ray serve`` calls ``build_app``.
 
 # No `from __future__ import annotations` here: the deployment class travels to replicas by value,
 # and FastAPI must see real types (Request) on its handlers, not strings to look up there.
-import os
 import time
-from importlib import resources
 from typing import Any
 
 from fastapi import Request
 
-from lmflow_ray.config import Recipe, ServeSection
+from lmflow_ray.config import Recipe
 from lmflow_ray.errors import UserError
 from lmflow_ray.serve import sources as model_sources
 from lmflow_ray.serve.engines import Sampling, choose_engine
+from lmflow_ray.serve.front import api_key, deployment_options, front
 from lmflow_ray.serve.openai_api import (
-    APIError, ChatRequest, CompletionRequest, Guard, error_body, model_card, new_id, parse, sse, usage,
+    APIError, ChatRequest, CompletionRequest, error_body, model_card, new_id, parse, sse, usage,
 )
 
-API_KEY_ENV = "LMFLOW_RAY_API_KEY"
 APP_NAME = "lmflow-ray"
-
-
-def api_key(section: ServeSection) -> str | None:
-    return section.api_key or os.environ.get(API_KEY_ENV) or None
-
-
-def page() -> str:
-    return resources.files("lmflow_ray.serve").joinpath("webchat.html").read_text()
-
-
-def front(key: str | None, limit: int, describe: Any) -> Any:
-    """The FastAPI app both engines share: guard, error bodies in OpenAI's shape, `/`, /health."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.exceptions import HTTPException
-
-    app = FastAPI(title="lmflow-ray", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=key, limit=limit)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
-        return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param=param), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def _http(_: Request, err: HTTPException) -> JSONResponse:
-        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(err.detail), kind=kind), status_code=err.status_code, headers=err.headers)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def _page() -> str:
-        return page()
-
-    @app.get("/health")
-    async def _health() -> dict[str, Any]:
-        return {"status": "ok", **describe()}
-
-    return app
-
-
-def deployment_options(section: ServeSection) -> dict[str, Any]:
-    """Replicas, autoscaling and limits. The guard in each replica enforces max_ongoing_requests
-    (503 + Retry-After); Serve is told a higher limit so that extra requests reach the guard and
-    get their answer at once instead of waiting in the proxy. Serve's own queue stays bounded."""
-    headroom = max(4 * section.max_ongoing_requests, section.max_ongoing_requests + 64)
-    options: dict[str, Any] = {
-        "max_ongoing_requests": headroom,
-        "max_queued_requests": headroom,
-        "ray_actor_options": {"num_cpus": section.num_cpus_per_replica},
-    }
-    if section.min_replicas == section.max_replicas:
-        options["num_replicas"] = section.max_replicas
-    else:
-        options["autoscaling_config"] = {
-            "min_replicas": section.min_replicas, "max_replicas": section.max_replicas,
-            "target_ongoing_requests": section.target_ongoing_requests,
-        }
-    return options
 
 
 # ---- the transformers engine ---------------------------------------------------------------------
@@ -237,7 +171,7 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
 def _vllm_app(recipe: Recipe, sources: model_sources.Sources) -> Any:
     from lmflow_ray.serve.vllm_app import build_vllm_app
 
-    return build_vllm_app(recipe, sources, front)
+    return build_vllm_app(recipe, sources)
 
 
 # ---- entry points ----------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def endpoint_replies(url: str, model: str | None, api_key: str | None) -> Callab
     return reply
 
 
-def local_replies(recipe: Recipe) -> Callable[[list[dict], dict], Iterator[str]]:
-    """The same function over a local model (or base + adapter), no server involved."""
+def local_replies(recipe: Recipe) -> tuple[Callable[[list[dict], dict], Iterator[str]], Callable[[], None]]:
+    """The same function over a local model (or base + adapter), no server involved; and a close()."""
     from lmflow_ray.serve import sources as model_sources
     from lmflow_ray.serve.engines import TransformersEngine
 
@@ -72,7 +72,11 @@ def local_replies(recipe: Recipe) -> Callable[[list[dict], dict], Iterator[str]]
             if piece.text:
                 yield piece.text
 
-    return reply
+    def close() -> None:
+        engine.close()
+        loop.close()
+
+    return reply, close
 
 
 def run_chat(reply: Callable[[list[dict], dict], Iterator[str]], options: dict, system: str | None = None,

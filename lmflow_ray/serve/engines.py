@@ -144,10 +144,11 @@ class TransformersEngine:
         self.eos_ids.discard(None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
-        self.pending: queue.Queue[_Job] = queue.Queue()
+        self.pending: queue.Queue[_Job | None] = queue.Queue()
         self.batches = 0
         self.rows = 0
-        threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True).start()
+        self.thread = threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True)
+        self.thread.start()
 
     # ---- the API side (event loop) ----------------------------------------------------------
 
@@ -180,8 +181,14 @@ class TransformersEngine:
 
     # ---- the decode thread --------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stop the decode thread (a process that exits with it still running may abort in torch)."""
+        self.pending.put(None)
+        self.thread.join(timeout=60)
+
     def _serve_forever(self) -> None:
-        while True:
+        closing = False
+        while not closing:
             batch = [self.pending.get()]
             try:
                 batch.append(self.pending.get(timeout=self.batch_wait_s))
@@ -189,7 +196,8 @@ class TransformersEngine:
                     batch.append(self.pending.get_nowait())
             except queue.Empty:
                 pass
-            batch = [job for job in batch if not job.cancelled]
+            closing = None in batch
+            batch = [job for job in batch if job is not None and not job.cancelled]
             if not batch:
                 continue
             try:

@@ -134,8 +134,8 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        return_msg = f"{param}: {first['msg']}" if param else first["msg"]
-        raise APIError(400, return_msg, param=param) from None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        raise APIError(400, message, param=param) from None
 
 
 def new_id(prefix: str) -> str:

@@ -86,6 +86,16 @@ def resolve(recipe: Recipe) -> Sources:
     return Sources(base_name, base_uri, adapters, s3)
 
 
+def _fingerprint(uri: str, s3: dict | None) -> str:
+    """Names the cached copy by the URI and what is there now (paths, sizes, times): new content
+    under the same URI is downloaded again, never served stale."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri, s3)
+    listing = sorted((i.path, i.size, str(i.mtime)) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    return hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
+
+
 def local_folder(uri: str, s3: dict | None) -> str:
     """A local folder for an exact URI; remote ones are downloaded once into the cache (atomically,
     so a download cut short is never taken for a model)."""
@@ -93,7 +103,7 @@ def local_folder(uri: str, s3: dict | None) -> str:
         return resolve_model_path(uri)
     if not storage.is_remote(uri):
         return uri
-    target = cache_home() / "served" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_home() / "served" / _fingerprint(uri, s3)
     if (target / _READY).exists():
         return str(target)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.part")

