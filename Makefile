@@ -50,7 +50,9 @@ demo: model ops
 	$(BIN)/lmflow-ray data stats jobs/demo_lora.yaml
 	$(BIN)/lmflow-ray data preview jobs/demo_lora.yaml --n 2
 
-test: model ops vllm browser
+# Set-up steps run side by side (op compiles use the CPU, vLLM and chromium mostly the network).
+test: install
+	$(MAKE) --no-print-directory -j4 model ops vllm browser
 	$(BIN)/python -m pytest -q --durations=15
 
 clean:
