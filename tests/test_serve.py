@@ -80,6 +80,30 @@ def test_engine_batches_concurrent_requests_with_the_same_tokens_as_generate(tin
         assert result.finish_reason == "length" and result.completion_tokens == 10
 
 
+def test_a_request_joins_a_running_batch_and_gets_the_same_tokens(tiny_model_dir, adapters):
+    from lmflow_ray.serve.engines import Sampling, TransformersEngine
+
+    engine = TransformersEngine(str(tiny_model_dir), {"tiny:support": str(adapters["support"])}, threads=1)
+    long_ids = engine.encode_text("Please convert the date to ISO format: 2024-01-31. Thanks! You are")
+    short_ids = engine.encode_text("Hello")
+
+    async def staggered():
+        first = engine.stream(long_ids, Sampling(max_tokens=150, temperature=0))
+        pieces = [await first.__anext__() for _ in range(5)]  # the batch is running now
+        second = asyncio.ensure_future(engine.complete(short_ids, Sampling(max_tokens=12, temperature=0), "tiny:support"))
+        pieces += [p async for p in first]
+        return "".join(p.text for p in pieces), await second
+
+    try:
+        long_text, short = asyncio.run(staggered())
+    finally:
+        engine.close()
+    assert engine.joined == 1 and engine.batches == 2  # the second request joined mid-way
+    for ids, adapter, n, text in [(long_ids, None, 150, long_text), (short_ids, adapters["support"], 12, short.text)]:
+        expected = [t for t in _reference(tiny_model_dir, adapter, ids, n) if t not in engine.eos_ids]
+        assert text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_engine_streams_and_stops_at_a_stop_string(tiny_model_dir):
     from lmflow_ray.serve.engines import Sampling, TransformersEngine
 

