@@ -225,6 +225,7 @@ BAD_COMPLETIONS = [
     ({"model": "tiny", "prompt": ["one", "two"]}, 400, "prompt"),
     ({"model": "tiny", "prompt": [1, 2, 10 ** 9]}, 400, "prompt"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": 250}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi " * 400}, 400, "prompt"),
 ]
 
 

@@ -53,7 +53,8 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
                 trust_remote_code=self.recipe.model.trust_remote_code,
             )
             state["describe"] = lambda: {"engine": "transformers", "models": sources.names(),
-                                         "batches": self.engine.batches, "batched_rows": self.engine.rows}
+                                         "prefills": self.engine.batches, "requests": self.engine.rows,
+                                         "joined_running_batch": self.engine.joined}
 
         def _adapter(self, model: str) -> str | None:
             if model == self.sources.base_name:
@@ -63,14 +64,14 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
             raise APIError(404, f"the model {model!r} does not exist here; served: {', '.join(self.sources.names())}",
                            param="model", code="model_not_found")
 
-        def _sampling(self, request: ChatRequest | CompletionRequest, prompt_len: int) -> Sampling:
+        def _sampling(self, request: ChatRequest | CompletionRequest, prompt_len: int, prompt_field: str) -> Sampling:
             limit, context = request.token_limit(), self.engine.context_length
             if limit is not None and limit > self.cap:
                 raise APIError(400, f"max_tokens is {limit}, above this server's cap of {self.cap}", param="max_tokens")
             room = context - prompt_len
             if room < 1 or (limit is not None and limit > room):
                 raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
-                                    f"{prompt_len} and {limit or 1} more were asked for", param="messages",
+                                    f"{prompt_len} and {limit or 1} more were asked for", param=prompt_field,
                                code="context_length_exceeded")
             return Sampling(max_tokens=limit or min(self.cap, room), temperature=request.temperature,
                             top_p=request.top_p, stops=request.stops(), seed=request.seed)
@@ -89,7 +90,7 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
                 ids = self.engine.encode_chat(req.conversation())
             except UserError as err:
                 raise APIError(400, str(err), param="messages") from None
-            sampling = self._sampling(req, len(ids))
+            sampling = self._sampling(req, len(ids), "messages")
             rid, created = new_id("chatcmpl"), int(time.time())
             head = {"id": rid, "created": created, "model": req.model}
             if req.stream:
@@ -138,7 +139,7 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
                 ids = list(req.prompt)
             else:
                 ids = self.engine.encode_text(req.prompt)
-            sampling = self._sampling(req, len(ids))
+            sampling = self._sampling(req, len(ids), "prompt")
             head = {"id": new_id("cmpl"), "created": int(time.time()), "model": req.model, "object": "text_completion"}
             prefix = (req.prompt if isinstance(req.prompt, str) else self.engine.tokenizer.decode(ids)) if req.echo else ""
             if req.stream:
