@@ -145,6 +145,18 @@ def test_serve_apps_are_valid_serve_configs_that_build(s3_server, tiny_model_dir
         assert type(app).__name__ == "Application", path
 
 
+def test_kuberay_rayservice_carries_the_checkpoint_serve_config():
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    shipped = yaml.safe_load((REPO / "serve_apps" / "checkpoint_s3.yaml").read_text())
+    assert serve_config["applications"] == shipped["applications"]
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
 @pytest.mark.slow
 def test_readme_local_chat_needs_no_server():
     line = "lmflow-ray chat jobs/serve_default.yaml --max_new_tokens 64"
