@@ -40,6 +40,9 @@ def chat_in_browser(url: str, message: str, screenshot: str, key: str | None = N
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
         names = [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
         assert model is None or names[0] == model, names
+        temperature = driver.find_element(By.ID, "temperature")
+        temperature.clear()
+        temperature.send_keys("0")  # greedy: the same reply every run
         driver.find_element(By.ID, "input").send_keys(message)
         driver.find_element(By.ID, "send").click()
         seen: list[str] = []

@@ -1,0 +1,314 @@
+"""The typed recipe: model / data / train / storage / serve / eval, loaded from YAML plus overrides.
+
+Field names are LMFlow's flag names, unique across sections, so ``--block_size 512``,
+``block_size=512`` and ``data.block_size=512`` all mean the same thing.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lmflow_ray.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _comma_list(value: Any) -> Any:
+    """LMFlow passes lists as ``q_proj,v_proj``; YAML may give a real list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class ModelSection(_Section):
+    model_name_or_path: str = Field("default", description="HF folder, hub-style name in the cache, or `default` (embedded SmolLM2-135M-Instruct)")
+    trust_remote_code: bool = False
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    use_lora: bool = False
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | None = None
+    use_dora: bool = False
+    use_qlora: bool = False
+    quant_bit: Literal[4, 8] = 4
+    use_flash_attention: bool = False
+    rope_pi_ratio: float = Field(1.0, ge=1.0)
+    rope_ntk_ratio: float = Field(1.0, ge=1.0)
+
+    @property
+    def method(self) -> str:
+        """How the weights are tuned, as checkpoints record it."""
+        return "lora" if self.use_lora else "full"
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+
+class DataSection(_Section):
+    dataset_path: str | None = Field(None, description="file or folder, local or s3://")
+    eval_dataset_path: str | None = None
+    conversation_template: str | None = Field(None, description="a preset name, or `tokenizer`; empty = the tokenizer's own")
+    block_size: int = Field(1024, ge=8)
+    train_on_prompt: bool = False
+    packing: bool = Field(True, description="pack samples into block_size rows; false = LMFlow's pad-to-block")
+    preprocessing_batch_size: int = Field(1024, ge=1, description="rows per tokenize/pack batch (the packing window)")
+
+
+class TrainSection(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="empty = use GPUs when CUDA is present")
+    resources_per_worker: dict[str, float] | None = None
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    seed: int = 42
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = Field(None, description="zero0 | zero2 | zero2_offload | zero3 | zero3_offload | zero3_offload_params, or a DeepSpeed JSON file; empty = plain DDP")
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
+    use_lisa: bool = False
+    lisa_activated_layers: int = Field(1, ge=1)
+    lisa_interval_steps: int = Field(20, ge=1)
+
+
+class StorageSection(_Section):
+    output_model_path: str = Field("output_models/finetune", description="local folder or s3://bucket/prefix")
+    run_name: str | None = Field(None, description="empty = a unique name per run; reuse a name to resume")
+    endpoint_url: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    region: str | None = None
+    save_total_limit: int | None = Field(None, ge=1)
+
+
+class ServeSection(_Section):
+    engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto = vLLM where it is installed, else transformers")
+    served_model_name: str | None = Field(None, description="empty = the run or folder name (`SmolLM2-135M-Instruct` for default)")
+    lora_adapters: dict[str, str] | None = Field(None, description="name -> adapter folder or checkpoint URI; served as BASE:name")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(8, ge=1, description="per replica; more at once get 503 + Retry-After")
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    api_key: str | None = Field(None, description="Bearer key clients must send; empty = LMFLOW_RAY_API_KEY, if set")
+    max_new_tokens: int = Field(256, ge=1, description="the cap on max_tokens per request")
+    max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
+    vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
+
+
+class EvalSection(_Section):
+    metric: Literal["acc", "ppl", "nll"] = "acc"
+    answer_type: Literal["text", "multiple_choice", "binary_choice", "math"] = "text"
+    inference_batch_size_per_device: int = Field(8, ge=1)
+
+
+class Recipe(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+SECTIONS: dict[str, type[_Section]] = {name: info.annotation for name, info in Recipe.model_fields.items()}
+
+# Flat name -> section, for LMFlow flags and for flat keys at the top of a YAML file.
+FIELD_SECTION: dict[str, str] = {
+    field: section for section, cls in SECTIONS.items() for field in cls.model_fields
+}
+
+# LMFlow / HF flag spellings that differ from ours.
+ALIASES: dict[str, str] = {
+    "output_dir": "storage.output_model_path",
+    "max_seq_length": "data.block_size",
+    "model_max_length": "data.block_size",
+}
+
+ALL_KEYS: list[str] = [f"{s}.{f}" for f, s in FIELD_SECTION.items()]
+
+
+def suggest(key: str) -> str:
+    """The closest valid dotted key, as `; did you mean X?` (or nothing)."""
+    last = key.split(".")[-1]
+    pool = ALL_KEYS + list(FIELD_SECTION) + list(SECTIONS)
+    match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6) or difflib.get_close_matches(
+        last, list(FIELD_SECTION), n=1, cutoff=0.6
+    )
+    if not match:
+        return ""
+    best = match[0]
+    if best in FIELD_SECTION:
+        best = f"{FIELD_SECTION[best]}.{best}"
+    return f"; did you mean {best}?"
+
+
+def canonical_key(key: str, where: str) -> tuple[str, str]:
+    """``block_size`` / ``data.block_size`` / ``--block_size`` -> ("data", "block_size")."""
+    key = key.lstrip("-").replace("-", "_") if key.startswith("--") else key
+    if key in ALIASES:
+        key = ALIASES[key]
+    if "." in key:
+        section, _, field = key.partition(".")
+        if section in SECTIONS and field in SECTIONS[section].model_fields:
+            return section, field
+    elif key in FIELD_SECTION:
+        return FIELD_SECTION[key], key
+    raise UserError(f"{where}: {key}: unknown key{suggest(key)}")
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML text (best effort)."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key + ".")
+
+    walk(root, "")
+    return lines
+
+
+def _parse_value(text: str) -> Any:
+    """Override values are YAML scalars: 512 -> int, true -> bool, [a, b] -> list."""
+    try:
+        return yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any, str]]:
+    """``key=value``, ``--key value`` and ``--key=value`` -> [(key, value, as-written)]."""
+    out: list[tuple[str, Any, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            if "=" in arg:
+                key, _, raw = arg.partition("=")
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                key, raw = arg, args[i + 1]
+                i += 1
+            else:
+                key, raw = arg, "true"  # a bare flag, like --use_lora
+            out.append((key, _parse_value(raw), arg if "=" in arg else f"{key} {raw}"))
+        elif "=" in arg:
+            key, _, raw = arg.partition("=")
+            out.append((key, _parse_value(raw), arg))
+        else:
+            raise UserError(f"{arg}: expected key=value or --key value")
+        i += 1
+    return out
+
+
+def _nest(flat: dict[str, Any], where: str, lines: dict[str, int]) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in flat.items():
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise UserError(f"{_at(where, lines, key)}: {key}: expected a mapping of keys, got {type(value).__name__}")
+            for field, v in value.items():
+                section, name = canonical_key(f"{key}.{field}", _at(where, lines, f"{key}.{field}"))
+                nested[section][name] = v
+        else:
+            section, name = canonical_key(str(key), _at(where, lines, str(key)))
+            nested[section][name] = value
+    return nested
+
+
+def _at(where: str, lines: dict[str, int], key: str) -> str:
+    return f"{where}:{lines[key]}" if key in lines else where
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                inline: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe (or none: all defaults), lay ``inline`` sections over it (a Serve config's
+    args), and apply overrides; errors name file, line, key."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    where = "recipe"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{where}: recipe file not found")
+        text = p.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{where}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{where}: a recipe is a mapping of sections (model, data, train, ...)")
+        data = loaded
+        lines = _yaml_lines(text)
+    for key, value in (inline or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+
+    nested = _nest(data, where, lines)
+    origin: dict[tuple[str, str], str] = {
+        (s, f): _at(where, lines, f"{s}.{f}") if f"{s}.{f}" in lines else _at(where, lines, f)
+        for s, fields in nested.items()
+        for f in fields
+    }
+    for key, value, written in parse_overrides(overrides or []):
+        section, name = canonical_key(key, f"override '{written}'")
+        nested[section][name] = value
+        origin[(section, name)] = f"override '{written}'"
+
+    try:
+        return Recipe(**nested)
+    except ValidationError as err:
+        raise UserError(_explain(err, origin, where)) from None
+
+
+def _explain(err: ValidationError, origin: dict[tuple[str, str], str], where: str) -> str:
+    out = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        place = origin.get((loc[0], loc[1]), where) if len(loc) >= 2 else where
+        got = e.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        out.append(f"{place}: {key}: {e['msg']}{shown}")
+    return "\n".join(out)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

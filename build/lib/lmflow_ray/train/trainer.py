@@ -1,0 +1,205 @@
+"""The driver side of `lmflow-ray train`: data -> plan -> TorchTrainer -> checkpoints in storage.
+
+The token pipeline runs as Ray tasks across the cluster before the workers start (never on a
+rank while the others wait); its rows are split once into one fixed part per worker, so the LR
+schedule knows its length and a resumed run reads exactly the batches it would have read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lmflow_ray import storage
+from lmflow_ray.config import Recipe
+from lmflow_ray.data.pipeline import build_dataset
+from lmflow_ray.errors import UserError
+from lmflow_ray.storage import S3Options
+from lmflow_ray.train.deepspeed import deepspeed_config, zero_stage
+from lmflow_ray.train.plan import Plan, make_plan
+
+
+@dataclass
+class RunResult:
+    run_name: str
+    run_uri: str
+    steps: int
+    resumed_from: int
+    metrics: dict[str, Any]
+    export_uri: str
+
+
+def unique_run_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _use_gpu(recipe: Recipe) -> bool:
+    import ray
+
+    if recipe.train.use_gpu is not None:
+        return recipe.train.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool, say) -> storage.CheckpointInfo | None:
+    """Start over (``fresh``) or find the checkpoint to resume, refusing ones that cannot load."""
+    if fresh:
+        storage.remove(run_uri, s3)
+        say(f"--fresh: removed {run_uri}")
+        return None
+    checkpoints = storage.list_checkpoints(run_uri, s3)
+    for partial in [c for c in checkpoints if not c.complete]:
+        say(f"removing incomplete checkpoint {partial.uri} ({partial.problem})")
+        storage.remove(partial.uri, s3)
+    complete = [c for c in checkpoints if c.complete]
+    if not complete:
+        return None
+    latest = complete[-1]
+    saved_world, saved_stage = latest.manifest.get("world_size"), latest.manifest.get("zero_stage", 0)
+    stage = zero_stage(deepspeed_config(recipe.train, world))
+    if saved_world != world and max(stage, saved_stage) > 0:
+        raise UserError(
+            f"{latest.uri}: written by {saved_world} workers with ZeRO-{saved_stage}, whose optimizer state is "
+            f"partitioned per worker; resume with num_workers={saved_world}, or start over with --fresh")
+    if latest.manifest.get("method") != recipe.model.method:
+        raise UserError(f"{latest.uri}: a {latest.manifest.get('method')} checkpoint; the recipe asks for "
+                        f"{recipe.model.method} (use --fresh or another run_name)")
+    return latest
+
+
+def token_parts(recipe: Recipe, world: int) -> list:
+    """The packed rows, materialised in the cluster's object store, in a fixed order, split in ``world``."""
+    ds = build_dataset(recipe)
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize().split(world, equal=True)
+
+
+def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print, progress: bool = True) -> RunResult:
+    """Train to the end (resuming when the run folder has a checkpoint); returns where it went."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lmflow_ray.train.worker import train_loop
+
+    s3 = S3Options.resolve(recipe.storage)
+    run_name = recipe.storage.run_name or unique_run_name(name_prefix)
+    run_uri = storage.join(recipe.storage.output_model_path if storage.is_remote(recipe.storage.output_model_path)
+                           else os.path.abspath(recipe.storage.output_model_path), run_name)
+    world = recipe.train.num_workers
+    resume = prepare(recipe, run_uri, s3, world, fresh, say)
+    say(f"run {run_name}: " + (f"resuming from step {resume.step} ({resume.uri})" if resume else "starting") +
+        f"; to resume later: run_name={run_name}")
+
+    started = time.perf_counter()
+    parts = token_parts(recipe, world)
+    rows = parts[0].count()
+    plan = make_plan(rows, world, recipe.train)
+    say(f"data: {rows * world:,} packed rows of up to {recipe.data.block_size} tokens, {rows:,} per worker "
+        f"({time.perf_counter() - started:.1f}s); {plan.total_steps} steps of "
+        f"{plan.micro_batch}x{plan.accumulation}x{world} rows, {plan.steps_per_epoch} per epoch")
+    if resume and resume.step >= plan.total_steps:
+        say(f"nothing to do: the run already reached step {resume.step} of {plan.total_steps}")
+
+    storage_fs, storage_path = storage.filesystem(recipe.storage.output_model_path, s3)
+    board = _progress_board() if progress else None
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"recipe": recipe.model_dump(mode="json"), "plan": plan.to_dict(), "run_uri": run_uri,
+                           "s3": s3.to_dict(), "board": board},
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=_use_gpu(recipe),
+                                     resources_per_worker=recipe.train.resources_per_worker),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.storage.save_total_limit),
+            failure_config=FailureConfig(max_failures=recipe.train.max_failures)),
+        datasets={f"train_{rank}": part for rank, part in enumerate(parts)},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = _fit_with_progress(trainer, board, plan, resume.step if resume else 0, progress)
+    if result.error is not None:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    step = int(metrics.get("step", resume.step if resume else 0))
+    latest = storage.latest_checkpoint(run_uri, s3)
+    return RunResult(run_name, run_uri, step, resume.step if resume else 0, metrics,
+                     latest.export_uri if latest else "")
+
+
+def _fit_with_progress(trainer, board, plan: Plan, start: int, progress: bool):
+    """fit() in a thread; the terminal gets a progress bar fed by rank 0 through a tiny actor."""
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as err:  # surfaced in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    bar = _bar(plan.total_steps, start) if progress else None
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if bar is not None:
+            bar.show(board)
+    if bar is not None:
+        bar.show(board, final=True)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+class _bar:
+    def __init__(self, total: int, start: int) -> None:
+        from tqdm import tqdm
+
+        self.tty = sys.stderr.isatty()
+        self.tqdm = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not self.tty)
+        self.last_logged = -1
+
+    def show(self, board, final: bool = False) -> None:
+        import ray
+
+        try:
+            state = ray.get(board.read.remote(), timeout=5)
+        except Exception:  # the bar is best effort; training goes on
+            return
+        step, metrics = state["step"], state["metrics"]
+        if self.tty:
+            self.tqdm.n = step  # may go back after a restart from a checkpoint
+            if metrics:
+                self.tqdm.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                                      tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            self.tqdm.refresh()
+            if final:
+                self.tqdm.close()
+        elif metrics and metrics["step"] != self.last_logged:
+            self.last_logged = metrics["step"]
+            print(f"step {metrics['step']}/{self.tqdm.total}  loss {metrics['loss']:.4f}  "
+                  f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
+                  f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}", file=sys.stderr, flush=True)
+
+
+def _progress_board():
+    """A tiny actor: rank 0 posts its step and latest metrics; the driver reads them for the bar."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self) -> None:
+            self.state = {"step": 0, "metrics": None}
+
+        def update(self, metrics: dict) -> None:
+            self.state["step"] = int(metrics["step"])
+            if len(metrics) > 1:
+                self.state["metrics"] = metrics
+
+        def read(self) -> dict:
+            return self.state
+
+    return ProgressBoard.remote()

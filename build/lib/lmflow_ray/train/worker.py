@@ -1,0 +1,261 @@
+"""The loop every Ray Train worker runs: load, restore, step, report, checkpoint. Read it top to bottom.
+
+Each worker reads its own fixed part of the packed token rows (``train_<rank>``), so a resumed or
+restarted run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lmflow_ray import storage
+from lmflow_ray.config import Recipe, recipe_to_yaml
+from lmflow_ray.data.packing import collate_columns
+from lmflow_ray.data.tokenize import IGNORE_INDEX, load_tokenizer
+from lmflow_ray.model.adapters import apply_lora
+from lmflow_ray.model.load import load_model, matmul_parameters, parameter_counts
+from lmflow_ray.train.deepspeed import deepspeed_config
+from lmflow_ray.train.observe import Meter, TensorBoard, flops_per_token, measure_matmul_peak, plot_loss, summary_markdown
+from lmflow_ray.train.plan import Plan
+from lmflow_ray.train.strategy import DDPStrategy, DeepSpeedStrategy
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    recipe = Recipe.model_validate(config["recipe"])
+    plan = Plan(**config["plan"])
+    run_uri, s3, board = config["run_uri"], config["s3"], config.get("board")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    transformers_quiet()
+
+    # Model: the same seed on every rank, so LoRA's random init agrees everywhere.
+    seed_everything(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.model.model_name_or_path, recipe.model.trust_remote_code)
+    model = load_model(recipe.model)
+    if recipe.model.use_lora:
+        model = apply_lora(model, recipe.model)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    total_params, trainable_params = parameter_counts(model)
+    n_matmul, cfg = matmul_parameters(model), model.config
+    model.to(device)
+    ds_config = deepspeed_config(recipe.train, world)
+    if ds_config is not None:
+        strategy = DeepSpeedStrategy(model, ds_config, plan, recipe.train.learning_rate,
+                                     recipe.train.weight_decay, lora=recipe.model.use_lora)
+    else:
+        strategy = DDPStrategy(model, plan, recipe.train.learning_rate, recipe.train.weight_decay,
+                               recipe.train.max_grad_norm, recipe.train.bf16)
+
+    # Restore from the newest complete checkpoint in the run folder: after a worker-group restart,
+    # on a re-run with the same name, and also when a checkpoint finished uploading just before a
+    # crash but Ray had not yet registered it (ray.train.get_checkpoint() would miss that one).
+    state = {"step": 0, "log_history": [], "resumed_at": []}
+    latest = storage.latest_checkpoint(run_uri, s3)  # complete by its manifest
+    if latest is None:
+        seed_everything(recipe.train.seed + rank)
+    else:
+        fs, path = storage.filesystem(latest.uri, s3)
+        with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+            state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
+    peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
+    tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
+    meter = Meter()
+    pad_to = None if recipe.data.packing else recipe.data.block_size
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    strategy.module.train()
+
+    # The loop.
+    for step, micro_batches in steps(shard, plan, state["step"], recipe.train.seed):
+        for batch in micro_batches:
+            inputs = to_device(collate_columns(batch, tokenizer.pad_token_id, pad_to), device)
+            trained = int((inputs["labels"] != IGNORE_INDEX).sum())
+            # Mean over trained tokens; a micro-batch whose answers were all cut off gives 0, not NaN.
+            loss = strategy.model(**inputs, attention_mask=None, use_cache=False,
+                                  num_items_in_batch=torch.tensor(max(1, trained), device=device)).loss
+            strategy.backward(loss)
+            width = inputs["input_ids"].shape[1]
+            real = int(sum(len(ids) for ids in batch["input_ids"]))
+            meter.add(float(loss.detach()) * trained, real, trained,
+                      real * flops_per_token(n_matmul, recipe.model.use_lora, cfg.num_hidden_layers, cfg.hidden_size, width))
+        grad_norm = strategy.finish_step()
+        meter.steps += 1
+        state["step"] = step + 1
+        done = state["step"] == plan.total_steps
+        if board is not None and rank == 0:
+            board.update.remote({"step": state["step"]})
+
+        if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done:
+            continue
+        metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world)
+        meter.reset()
+        state["log_history"].append(metrics)
+        if tb is not None:
+            tb.log(metrics, state["step"])
+            if board is not None:
+                board.update.remote(metrics)
+        if state["step"] % recipe.train.save_steps == 0 or done:
+            save_checkpoint(strategy, tokenizer, recipe, plan, state, metrics, rank, world, tb, run_uri, s3)
+        else:
+            ray.train.report(metrics)
+
+    if rank == 0:
+        finish(recipe, plan, state, run_uri, s3, total_params, trainable_params, strategy, world, device, tb)
+
+
+# ---- the pieces the loop calls -------------------------------------------------------------------
+
+
+def transformers_quiet() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # no save/load progress bars in the workers' logs
+    logging.set_verbosity_error()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def steps(shard: Any, plan: Plan, start: int, seed: int) -> Iterator[tuple[int, list[dict]]]:
+    """(step, its micro-batches) from ``start`` on. Epoch e reads this rank's rows in a fixed order
+    shuffled with seed + e, so a resumed run skips exactly the micro-batches already used."""
+    step = start
+    while step < plan.total_steps:
+        epoch, within = plan.epoch_of(step), step % plan.steps_per_epoch
+        batches = shard.iter_batches(batch_size=plan.micro_batch, drop_last=True, batch_format="numpy",
+                                     local_shuffle_buffer_size=max(64, plan.micro_batch), local_shuffle_seed=seed + epoch)
+        batches = iter(batches)
+        for _ in range(within * plan.accumulation):
+            next(batches)
+        for _ in range(within, plan.steps_per_epoch):
+            if step >= plan.total_steps:
+                return
+            yield step, [next(batches) for _ in range(plan.accumulation)]
+            step += 1
+
+
+def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int) -> dict[str, float]:
+    """Sums over every rank: loss, tokens and FLOPs since the last logging step."""
+    elapsed = meter.elapsed()
+    totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops, peak], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    loss_sum, tokens, trained, flops, peaks = totals.tolist()
+    return {
+        "step": step,
+        "epoch": round(step / plan.steps_per_epoch, 4),
+        "loss": loss_sum / max(1.0, trained),  # per trained token over every rank and micro-batch
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / elapsed,
+        "trained_tokens_per_s": trained / elapsed,
+        "step_time": elapsed / max(1, meter.steps),
+        "flops_per_s": flops / elapsed,
+        "mfu": flops / elapsed / peaks if peaks else 0.0,
+    }
+
+
+def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict, metrics: dict, rank: int,
+                    world: int, tb: TensorBoard | None, run_uri: str, s3: dict) -> None:
+    """Every rank writes its part into a temp folder; rank 0 adds the HF export and a manifest of
+    every rank's files; Ray merges the folders into checkpoint_NNNNNN in storage."""
+    import ray.train
+
+    step = state["step"]
+    folder = tempfile.mkdtemp(prefix=f"lmflow-ckpt-{step}-")
+    try:
+        strategy.save(folder, tag=f"step_{step}")
+        os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(folder, "rng", f"rank{rank}.pt"))
+        weights = strategy.full_state_dict()  # collective under ZeRO-3
+        if rank == 0:
+            export(strategy.module, weights, tokenizer, os.path.join(folder, storage.EXPORT_DIR))
+            with open(os.path.join(folder, "trainer_state.json"), "w") as f:
+                json.dump({"step": step, "epoch": step / plan.steps_per_epoch, "world_size": world,
+                           "plan": plan.to_dict(), "log_history": state["log_history"],
+                           "resumed_at": state["resumed_at"]}, f, indent=1)
+            with open(os.path.join(folder, "recipe.yaml"), "w") as f:
+                f.write(recipe_to_yaml(recipe))
+        mine = storage.list_local_files(folder)
+        everyone: list[Any] = [mine]
+        if world > 1:
+            everyone = [None] * world
+            torch.distributed.all_gather_object(everyone, mine)
+        if rank == 0:
+            files = {k: v for part in everyone for k, v in part.items()}
+            storage.write_manifest(folder, files, {
+                "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
+                "method": recipe.model.method, "base_model": recipe.model.model_name_or_path,
+                "export": storage.EXPORT_DIR})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=storage.checkpoint_name(step))
+        if tb is not None:
+            storage.upload(tb.folder, storage.join(run_uri, "tensorboard"), s3)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def export(module: Any, weights: dict | None, tokenizer: Any, folder: str) -> None:
+    """The standard export: a save_pretrained folder (for LoRA, the adapter) plus the tokenizer."""
+    module.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore(folder: str, strategy, rank: int) -> dict:
+    """Optimizer, schedule, weights, this rank's RNG and the step count from a complete checkpoint."""
+    strategy.load(folder)
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    rng_file = os.path.join(folder, "rng", f"rank{rank % state['world_size']}.pt")
+    rng = torch.load(rng_file, weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return {"step": state["step"], "log_history": state["log_history"],
+            "resumed_at": [*state.get("resumed_at", []), state["step"]]}
+
+
+def finish(recipe: Recipe, plan: Plan, state: dict, run_uri: str, s3: dict, total_params: int,
+           trainable_params: int, strategy, world: int, device: Any, tb: TensorBoard | None) -> None:
+    """loss.png and summary.md next to the checkpoints; the TensorBoard events copied up."""
+    folder = tempfile.mkdtemp(prefix="lmflow-summary-")
+    try:
+        plot_loss(state["log_history"], os.path.join(folder, "loss.png"))
+        info = {"run_name": run_uri.rstrip("/").rsplit("/", 1)[-1], "model": recipe.model.model_name_or_path,
+                "method": "LoRA" + (" (DoRA)" if recipe.model.use_dora else "") if recipe.model.use_lora else "full fine-tuning",
+                "strategy": strategy.label, "world_size": world, "device": device.type, "steps": state["step"],
+                "total_steps": plan.total_steps, "total_params": total_params, "trainable_params": trainable_params,
+                "export": storage.join(run_uri, storage.checkpoint_name(state["step"]), storage.EXPORT_DIR)}
+        with open(os.path.join(folder, "summary.md"), "w") as f:
+            f.write(summary_markdown(info, state["log_history"]))
+        storage.upload(folder, run_uri, s3)
+        if tb is not None:
+            tb.close()
+            storage.upload(tb.folder, storage.join(run_uri, "tensorboard"), s3)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
