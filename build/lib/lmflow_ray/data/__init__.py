@@ -1,1 +1,0 @@
-"""Data: formats, sources, conversation templates, tokenization, packing, the Ray Data pipeline."""

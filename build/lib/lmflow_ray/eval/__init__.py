@@ -1,1 +1,0 @@
-"""Evaluation: metrics as pure functions (metrics.py)."""

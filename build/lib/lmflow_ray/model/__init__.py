@@ -1,1 +1,0 @@
-"""Models: loading (dtype, attention), adapters (LoRA / DoRA) and merging."""

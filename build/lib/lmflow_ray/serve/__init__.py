@@ -1,1 +1,0 @@
-"""Serving on Ray Serve: the OpenAI API (openai_api.py, front.py), engines, the app builders."""
