@@ -67,7 +67,7 @@ def over_http(url: str, model: str, conversations: list[list[dict]], concurrency
     return records, time.perf_counter() - started
 
 
-def served(engine: str, conversations: list[list[dict]], max_tokens: int) -> list[dict]:
+def served(engine: str, url: str, conversations: list[list[dict]], max_tokens: int) -> list[dict]:
     from ray import serve
 
     from lmflow_ray.serve.app import APP_NAME, build_app
@@ -78,7 +78,6 @@ def served(engine: str, conversations: list[list[dict]], max_tokens: int) -> lis
     started = time.perf_counter()
     serve.run(build_app(recipe), name=APP_NAME, route_prefix="/")
     start_s = time.perf_counter() - started
-    url = f"http://127.0.0.1:{PORT}"
     over_http(url, EMBEDDED_NAME, conversations[:1], 1, 8)  # warm-up
     rows = []
     for concurrency in (1, 8):
@@ -142,11 +141,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PORT = 0
-
-
 def main() -> None:
-    global PORT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8, help="requests per engine and concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -168,11 +163,11 @@ def main() -> None:
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            PORT = s.getsockname()[1]
+            port = s.getsockname()[1]
         connect(num_cpus=4)  # logical CPUs: the replica takes 1, the proxy and controller the rest
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         for engine in served_engines:
-            rows += served(engine, conversations, args.max_tokens)
+            rows += served(engine, f"http://127.0.0.1:{port}", conversations, args.max_tokens)
         serve.shutdown()
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "model": "SmolLM2-135M-Instruct (fp32)",
               "max_tokens": args.max_tokens, "requests_per_run": args.requests, "rows": rows}

@@ -44,14 +44,8 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
             self.recipe = Recipe.model_validate_json(recipe_json)
             self.sources = sources
             self.cap = self.recipe.serve.max_new_tokens
-            adapters = {name: model_sources.local_folder(uri, sources.s3) for name, uri in sources.adapters.items()}
-            self.engine = TransformersEngine(
-                model_sources.local_folder(sources.base_uri, sources.s3), adapters,
-                conversation_template=self.recipe.data.conversation_template,
-                dtype=self.recipe.model.torch_dtype, max_batch_size=self.recipe.serve.max_batch_size,
-                threads=max(1, int(self.recipe.serve.num_cpus_per_replica)),
-                trust_remote_code=self.recipe.model.trust_remote_code,
-            )
+            threads = max(1, int(self.recipe.serve.num_cpus_per_replica))
+            self.engine = TransformersEngine.from_recipe(self.recipe, sources, threads=threads)
             state["describe"] = lambda: {"engine": "transformers", "models": sources.names(),
                                          "prefills": self.engine.batches, "requests": self.engine.rows,
                                          "joined_running_batch": self.engine.joined}
@@ -167,22 +161,17 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
     return TransformersServer.bind(recipe.model_dump_json(), sources)
 
 
-# ---- the vLLM engine (Ray Serve LLM) ---------------------------------------------------------------
-
-def _vllm_app(recipe: Recipe, sources: model_sources.Sources) -> Any:
-    from lmflow_ray.serve.vllm_app import build_vllm_app
-
-    return build_vllm_app(recipe, sources)
-
-
 # ---- entry points ----------------------------------------------------------------------------------
 
 def build_app(recipe: Recipe) -> Any:
     """The Serve application for a recipe (the model, adapters and serve section)."""
     engine = choose_engine(recipe.serve.engine)
     sources = model_sources.resolve(recipe)
-    builder = _vllm_app if engine == "vllm" else _transformers_deployment
-    return builder(recipe, sources)
+    if engine == "vllm":
+        from lmflow_ray.serve.vllm_app import build_vllm_app
+
+        return build_vllm_app(recipe, sources)
+    return _transformers_deployment(recipe, sources)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any, Callable, Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from lmflow_ray.config import Recipe
 from lmflow_ray.errors import UserError
@@ -43,21 +43,15 @@ def local_replies(recipe: Recipe) -> tuple[Callable[[list[dict], dict], Iterator
     """The same function over a local model (or base + adapter), no server involved; and a close()."""
     from lmflow_ray.serve import sources as model_sources
     from lmflow_ray.serve.engines import TransformersEngine
+    from lmflow_ray.serve.openai_api import ChatRequest
 
     found = model_sources.resolve(recipe)
-    adapters = {name: model_sources.local_folder(uri, found.s3) for name, uri in found.adapters.items()}
-    engine = TransformersEngine(model_sources.local_folder(found.base_uri, found.s3), adapters,
-                                conversation_template=recipe.data.conversation_template, dtype=recipe.model.torch_dtype,
-                                trust_remote_code=recipe.model.trust_remote_code)
-    adapter = next(iter(adapters), None)  # a LoRA run serves its adapter, not the bare base
+    engine = TransformersEngine.from_recipe(recipe, found)
+    adapter = next(iter(found.adapters), None)  # a LoRA run serves its adapter, not the bare base
     loop = asyncio.new_event_loop()
 
     def reply(messages: list[dict], options: dict) -> Iterator[str]:
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        conv: dict[str, Any] = {"messages": [m for m in messages if m["role"] != "system"]}
-        if system:
-            conv["system"] = system
-        ids = engine.encode_chat(conv)
+        ids = engine.encode_chat(ChatRequest(model="local", messages=messages).conversation())
         room = engine.context_length - len(ids)
         if room < 1:
             raise UserError("the conversation is longer than the model's context; /reset to start over")

