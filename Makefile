@@ -45,10 +45,9 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
 	    --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null; }
 
+# The main job on a local Ray cluster: base eval -> LoRA train -> tuned eval -> serve -> ask.
 demo: model ops
-	$(BIN)/lmflow-ray data validate jobs/demo_lora.yaml
-	$(BIN)/lmflow-ray data stats jobs/demo_lora.yaml
-	$(BIN)/lmflow-ray data preview jobs/demo_lora.yaml --n 2
+	$(BIN)/lmflow-ray demo jobs/demo_lora.yaml
 
 # Set-up steps run side by side (op compiles use the CPU, vLLM and chromium mostly the network).
 test: install

@@ -1,6 +1,6 @@
 """`lmflow-ray <verb> [RECIPE.yaml] [key=value | --key value ...]`.
 
-Verbs so far: train, merge, data (validate / preview / stats), model (prepare-default), recipe
+Verbs so far: train, eval, merge, serve, chat, demo, data (validate / preview / stats), model (prepare-default), recipe
 (show the merged recipe). Bad input prints one line per problem and exits with 2, never a traceback.
 """
 
@@ -241,6 +241,38 @@ def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+# ---- demo -------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.demo import main as demo_main
+
+    target, overrides = _split(extras)
+    return demo_main(_recipe(target or "jobs/demo_lora.yaml", overrides), args.address)
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.eval.run import evaluate, markdown, preflight
+    from lmflow_ray.ray_init import connect, quiet_data_logs
+
+    target, overrides = _split(extras)
+    if args.url:
+        overrides = [*overrides, f"eval.server_url={args.url}"]
+    recipe = _recipe(target, overrides)
+    preflight(recipe)  # bad input fails here, before a cluster starts
+    print("starting Ray ...", file=sys.stderr)
+    connect(args.address)
+    quiet_data_logs()
+    key = args.api_key or recipe.serve.api_key or os.environ.get("LMFLOW_RAY_API_KEY")
+    result = evaluate(recipe, model_name=args.model, api_key=key, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(markdown(result), end="")
+    print(f"results:      {result.output}  (results.json, results.md, benchmark.log, predictions.jsonl)")
+    return 0
+
+
 # ---- serve / chat ------------------------------------------------------------------------------
 
 
@@ -357,6 +389,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model_name_or_path", default=None, help="base model (default: the adapter's own base)")
     m.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     m.set_defaults(func=cmd_merge)
+
+    e = verbs.add_parser("eval", help="score a model (folder, run, checkpoint or --url server) on a dataset: RECIPE [overrides]",
+                         allow_abbrev=False)
+    _address_flag(e)
+    e.add_argument("--url", default=None, help="evaluate a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    e.add_argument("--model", default=None, help="with --url: the served model name (default: the first listed)")
+    e.add_argument("--api_key", default=None, help="with --url: Bearer key (default: serve.api_key or LMFLOW_RAY_API_KEY)")
+    e.set_defaults(func=cmd_eval)
+
+    d = verbs.add_parser("demo", help="base eval -> LoRA train -> tuned eval -> serve -> ask: [RECIPE] [overrides] "
+                         "(default jobs/demo_lora.yaml)", allow_abbrev=False)
+    _address_flag(d)
+    d.set_defaults(func=cmd_demo)
 
     sv = verbs.add_parser("serve", help="deploy a model on Ray Serve behind the OpenAI API: RECIPE [overrides]", allow_abbrev=False)
     _address_flag(sv)

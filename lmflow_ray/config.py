@@ -117,10 +117,25 @@ class ServeSection(_Section):
     vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
 
 
+METRIC_ALIASES = {"accuracy": "acc", "perplexity": "ppl", "neg_log_likelihood": "nll", "loss": "nll"}
+
+
 class EvalSection(_Section):
-    metric: Literal["acc", "ppl", "nll"] = "acc"
+    metric: list[Literal["acc", "ppl", "nll"]] = Field(
+        default_factory=lambda: ["acc"], description="acc, ppl, nll, or several: acc,nll (LMFlow's accuracy / ppl / nll)")
     answer_type: Literal["text", "multiple_choice", "binary_choice", "math"] = "text"
+    prompt_structure: str = Field("{input}", description="text2text prompts: {input} is replaced by the input (LMFlow's flag)")
     inference_batch_size_per_device: int = Field(8, ge=1)
+    eval_num_workers: int = Field(0, ge=0, description="model copies scoring in parallel; 0 = one per GPU, else one per 4 CPUs")
+    max_eval_samples: int | None = Field(None, ge=1, description="evaluate only the first N instances")
+    eval_output_dir: str | None = Field(None, description="results folder, local or s3://; empty = <output_model_path>/eval/<model>-<dataset>")
+    server_url: str | None = Field(None, description="evaluate a running OpenAI-compatible server instead of loading the model")
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _split_metrics(cls, value: Any) -> Any:
+        names = _comma_list(value)
+        return [METRIC_ALIASES.get(n, n) for n in names] if isinstance(names, list) else names
 
 
 class Recipe(_Section):

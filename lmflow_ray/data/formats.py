@@ -137,19 +137,29 @@ def check_conversation(row: Any, field: str = "") -> dict[str, Any]:
     return {"system": system or None, "tools": tools or None, "messages": [m for _, m in turns]}
 
 
+def _with_options(instance: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation sets may list the answer options of a question (multiple / binary choice)."""
+    if "options" in row:
+        options = row["options"]
+        if not isinstance(options, list) or len(options) < 2:
+            raise Invalid("options", f"expected a list of at least two answer options, got {_kind(options)}")
+        instance["options"] = [_text(o, f"options[{i}]") for i, o in enumerate(options)]
+    return instance
+
+
 def check_instance(kind: str, row: Any) -> dict[str, Any]:
     """Validate one instance of a dataset type; return it normalised."""
     if not isinstance(row, dict):
         raise Invalid("", f"expected an object, got {_kind(row)}")
     if kind == "conversation":
-        return check_conversation(row)
+        return _with_options(check_conversation(row), row)
     for key in REQUIRED[kind]:
         if key not in row:
             raise Invalid(key, f"missing{_typo_hint(row, key)}")
     if kind == "text_only":
         return {"text": _text(row["text"], "text")}
     if kind == "text2text":
-        return {"input": _text(row["input"], "input", allow_empty=True), "output": _text(row["output"], "output")}
+        return _with_options({"input": _text(row["input"], "input", allow_empty=True), "output": _text(row["output"], "output")}, row)
     return {"chosen": check_conversation(row["chosen"], "chosen"), "rejected": check_conversation(row["rejected"], "rejected")}
 
 

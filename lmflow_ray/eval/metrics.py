@@ -101,3 +101,38 @@ def perplexity(total_nll: float, tokens: int) -> float:
 
 def accuracy(correct: Sequence[bool]) -> float:
     return sum(bool(c) for c in correct) / len(correct) if correct else 0.0
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[\).:]\s+(.+?)\s*$", re.M)
+BINARY_OPTIONS = ("yes", "no")
+
+
+def parse_options(text: str) -> list[str]:
+    """Options listed in a question as lines "(A) ...", "A. ..." or "A) ...", from A on; [] if none."""
+    found: list[str] = []
+    for letter, option in _OPTION_LINE.findall(text):
+        if ord(letter) - ord("A") == len(found):
+            found.append(option)
+    return found if len(found) >= 2 else []
+
+
+def reference_option(answer_type: str, reference: str, options: Sequence[str]) -> int | None:
+    """Which option the reference answer names (a letter, the option's text, or yes / no)."""
+    picked = extract_choice(reference, options)
+    if picked is None and answer_type == "binary_choice":
+        said = extract_binary(reference)
+        picked = None if said is None else (0 if said else 1)
+    return picked
+
+
+def judge(answer_type: str, prediction: str, reference: str, options: Sequence[str] = ()) -> bool:
+    """Whether a generated answer is right, read the way ``answer_type`` says."""
+    if answer_type == "text":
+        return text_match(prediction, reference)
+    if answer_type == "math":
+        return math_match(prediction, reference)
+    if answer_type == "binary_choice" and tuple(options) == BINARY_OPTIONS:
+        want, got = extract_binary(reference), extract_binary(prediction)
+        return want is not None and got == want
+    want = reference_option(answer_type, reference, options)
+    return want is not None and extract_choice(prediction, options) == want

@@ -1,0 +1,93 @@
+"""Where a model is: a folder, a training run or checkpoint (local or in object storage), or
+`default` (the embedded model), pinned to one exact URI and fetched into a local folder once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+
+from lmflow_ray import storage
+from lmflow_ray.embedded import DEFAULT_NAME, cache_home, resolve_model_path
+from lmflow_ray.errors import UserError
+
+_READY = ".lmflow_ray_complete"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def display_name(uri: str) -> str:
+    """A readable model name from a URI: a run's name for its checkpoints, else the folder name."""
+    if uri == DEFAULT_NAME:
+        return EMBEDDED_NAME
+    parts = [p for p in re.split(r"[/\\]+", uri.split("://", 1)[-1]) if p]
+    while len(parts) > 1 and (parts[-1] == storage.EXPORT_DIR or parts[-1].startswith(storage.CHECKPOINT_PREFIX)):
+        parts.pop()
+    return parts[-1] if parts else uri
+
+
+def exact_uri(uri: str, s3: dict | None, key: str) -> str:
+    """A run means its newest complete checkpoint's export, a checkpoint its export folder; `key`
+    names the recipe field in the error when there is nothing there."""
+    if uri == DEFAULT_NAME:
+        return uri
+    if not storage.is_remote(uri) and not os.path.isdir(uri):
+        raise UserError(f"{key}: {uri!r} is not a folder here (give a model folder, a checkpoint or run URI, or `default`)")
+    return storage.export_uri(uri if storage.is_remote(uri) else os.path.abspath(uri), s3)
+
+
+def is_adapter(uri: str, s3: dict | None) -> bool:
+    if uri == DEFAULT_NAME:
+        return False
+    fs, path = storage.filesystem(uri, s3)
+    return fs.get_file_info(f"{path}/adapter_config.json").type.name == "File"
+
+
+def adapter_base(uri: str, s3: dict | None) -> str | None:
+    fs, path = storage.filesystem(uri, s3)
+    with fs.open_input_stream(f"{path}/adapter_config.json") as f:
+        return json.loads(f.read()).get("base_model_name_or_path")
+
+
+def split_adapter(uri: str, s3: dict | None) -> tuple[str, str | None]:
+    """(base model URI, adapter URI or None) for an exact URI: a LoRA export stands on its base."""
+    if not is_adapter(uri, s3):
+        return uri, None
+    base = adapter_base(uri, s3)
+    if not base:
+        raise UserError(f"{uri}/adapter_config.json: no base_model_name_or_path to load the adapter on")
+    return exact_uri(base, s3, f"{uri}/adapter_config.json: base_model_name_or_path"), uri
+
+
+def _fingerprint(uri: str, s3: dict | None) -> str:
+    """Names the cached copy by the URI and what is there now (paths, sizes, times): new content
+    under the same URI is downloaded again, never used stale."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(uri, s3)
+    listing = sorted((i.path, i.size, str(i.mtime)) for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    return hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
+
+
+def local_folder(uri: str, s3: dict | None) -> str:
+    """A local folder for an exact URI; remote ones are downloaded once into the cache (atomically,
+    so a download cut short is never taken for a model)."""
+    if uri == DEFAULT_NAME:
+        return resolve_model_path(uri)
+    if not storage.is_remote(uri):
+        return uri
+    target = cache_home() / "served" / _fingerprint(uri, s3)
+    if (target / _READY).exists():
+        return str(target)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        storage.download(uri, tmp, s3)
+        (tmp / _READY).write_text(uri)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
