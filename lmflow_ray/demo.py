@@ -51,6 +51,8 @@ def table(before: EvalResult, after: EvalResult, base_name: str, tuned_name: str
 def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callable[[str], None]) -> tuple[str, str, float]:
     """Deploy the run on Ray Serve (this cluster) and ask one question with the openai client;
     returns (served model name, answer, seconds to deploy)."""
+    import logging
+
     import openai
     from ray import serve
 
@@ -62,6 +64,7 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
         "model": recipe.model.model_copy(update={"model_name_or_path": run_uri}),
         "serve": recipe.serve.model_copy(update={"port": port, "api_key": None}),
     })
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the stage lines say what happens
     started = time.time()
     app = build_app(served)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -76,8 +79,7 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
         reply = client.chat.completions.create(model=model, messages=head + question["messages"][:-1], temperature=0.0)
         return model, (reply.choices[0].message.content or "").strip(), deployed
     finally:
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        serve.delete(APP_NAME)  # Serve itself goes with the cluster when the demo exits
 
 
 def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], No
     served_as, answer, _ = ask_one(recipe, run_uri, question, say)
     timings["serve"] = time.time() - t
 
-    t = stage(6, "before / after")
+    stage(6, "before / after")
     tuned_name = f"{display_name(base)} + LoRA `{run_name}` ({trained.steps} steps)"
     md_table = table(before, after, display_name(base), tuned_name)
     reference = question["messages"][-1]["content"]
@@ -162,14 +164,14 @@ def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], No
     say("")
     say(md_table)
     say("")
-    say(f"held-out question: {report['question']!r}")
+    say("held-out question:")
+    say("\n".join("    " + line for line in report["question"].splitlines()))
     say(f"answer from Ray Serve ({served_as}): {answer!r}   reference: {reference!r}")
     say("")
     say(f"loss curve:   {report['loss_png']}")
     say(f"table:        {storage.join(run_uri, 'demo.md')}")
     say(f"eval results: {storage.join(run_uri, 'eval', 'base')}  {storage.join(run_uri, 'eval', 'tuned')}")
     say(f"done in {timings['total']:.0f} s")
-    _ = t
     return report
 
 

@@ -90,7 +90,7 @@ def check_request(recipe: Recipe, kind: str, endpoint: bool) -> None:
         raise UserError("eval: a paired_conversation dataset has no single reference answer; use conversation, text2text or text_only")
     if kind == "text_only" and "acc" in wanted:
         raise UserError("eval.metric acc: a text_only dataset has no answers to check; use metric=nll or metric=ppl")
-    if endpoint and wanted & {"nll", "ppl"}:
+    if endpoint and not wanted - {"nll", "ppl"}:
         raise UserError("eval.metric nll/ppl: a server returns text, not token probabilities; "
                         "evaluate the model folder or checkpoint instead, or use metric=acc")
 
@@ -272,7 +272,7 @@ def aggregate(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[dict[str
             correct += ok
         if "option_logprobs" in o:
             scores = json.loads(o["option_logprobs"])
-            picked = metrics.pick_option(scores)
+            picked = metrics.pick_option([[s] for s in scores])  # summed log-likelihoods
             want = metrics.reference_option(answer_type, row["reference"], row["options"])
             rec.update(option_logprobs=scores, loglik_pick=picked, loglik_correct=picked == want)
             loglik_correct += picked == want
@@ -402,6 +402,8 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None 
         shown = f"{name} at {url}"
         kind, instances = read_instances(recipe)
         check_request(recipe, kind, endpoint=True)
+        if set(section.metric) & {"nll", "ppl"}:
+            say("eval: nll/ppl left out: a server returns text, not token probabilities (evaluate the checkpoint for them)")
         rows = request_rows(recipe, kind, instances)
         workers, stage = 1, EndpointScorer
         stage_args = dict(url=url, model=name, api_key=api_key, max_new_tokens=recipe.serve.max_new_tokens,
