@@ -96,13 +96,15 @@ def token_logprobs(model: Any, prompts: Sequence[Sequence[int]], conts: Sequence
         wanted[row, start: start + len(flags)] = flags
     targets = wanted.any(0).nonzero().flatten()
     keep = (targets - 1).clamp(min=0)
+    device = model.device
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=keep_cache,
-                    logits_to_keep=keep if len(keep) else 1)
+                    logits_to_keep=keep.to(device) if len(keep) else 1)
         result = []
         if len(keep):
             logp = torch.log_softmax(out.logits.float(), dim=-1)
-            picked = logp.gather(-1, ids[:, targets].unsqueeze(-1)).squeeze(-1)  # (rows, len(targets))
+            picked = logp.gather(-1, ids[:, targets.to(device)].unsqueeze(-1)).squeeze(-1).cpu()  # (rows, len(targets))
             for row in range(len(prompts)):
                 result.append(picked[row][wanted[row, targets]].numpy().astype(np.float64))
         else:
@@ -138,7 +140,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
 
     if cache is None:
         ids, mask, _, width = _layout(prompts, [[] for _ in prompts], pad_id)
-        past = None
+        ids, mask, past = ids.to(model.device), mask.to(model.device), None
     else:
         past, ids, mask, width = cache
         past.crop(-(ids.shape[1] - width + 1))  # keep the prompts but their last token
@@ -147,7 +149,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past, max_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None,
                              eos_token_id=_eos_ids(model, tokenizer), pad_token_id=pad_id)
-    return decode_answers(model, tokenizer, out[:, width:])
+    return decode_answers(model, tokenizer, out[:, width:].cpu())
 
 
 def option_tokens(tokenizer: Any, option: str, after: str) -> list[int]:
