@@ -118,18 +118,27 @@ class ServeSection(_Section):
 
 
 METRIC_ALIASES = {"accuracy": "acc", "perplexity": "ppl", "neg_log_likelihood": "nll", "loss": "nll"}
+# LMFlow's dataset-named answer types: GSM8K is a final number, MedMCQA / MedQA-USMLE list lettered
+# options; PubMedQA (yes / no / maybe) keeps its name for its default options.
+ANSWER_ALIASES = {"gsm8k": "math", "medmcqa": "multiple_choice", "usmle": "multiple_choice"}
 
 
 class EvalSection(_Section):
     metric: list[Literal["acc", "ppl", "nll"]] = Field(
         default_factory=lambda: ["acc"], description="acc, ppl, nll, or several: acc,nll (LMFlow's accuracy / ppl / nll)")
-    answer_type: Literal["text", "multiple_choice", "binary_choice", "math"] = "text"
+    answer_type: Literal["text", "multiple_choice", "binary_choice", "math", "pubmedqa"] = Field(
+        "text", description="also LMFlow's gsm8k (= math), medmcqa / usmle (= multiple_choice), pubmedqa (yes / no / maybe)")
     prompt_structure: str = Field("{input}", description="text2text prompts: {input} is replaced by the input (LMFlow's flag)")
     inference_batch_size_per_device: int = Field(8, ge=1)
     eval_num_workers: int = Field(0, ge=0, description="model copies scoring in parallel; 0 = one per GPU, else one per 4 CPUs")
     max_eval_samples: int | None = Field(None, ge=1, description="evaluate only the first N instances")
     eval_output_dir: str | None = Field(None, description="results folder, local or s3://; empty = <output_model_path>/eval/<model>-<dataset>")
     server_url: str | None = Field(None, description="evaluate a running OpenAI-compatible server instead of loading the model")
+
+    @field_validator("answer_type", mode="before")
+    @classmethod
+    def _answer_alias(cls, value: Any) -> Any:
+        return ANSWER_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("metric", mode="before")
     @classmethod

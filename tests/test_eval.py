@@ -116,7 +116,7 @@ def test_folder_eval_accuracy_nll_and_files(ray_local, tiny_model_dir, chat_set,
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".eval-")]  # nothing half-written left
 
 
-@pytest.mark.parametrize("answer_type", ["multiple_choice", "binary_choice"])
+@pytest.mark.parametrize("answer_type", ["multiple_choice", "binary_choice", "pubmedqa"])
 def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_dir, plain, answer_type, tmp_path):
     """text2text questions with options (listed, or read from "(A) ..." lines); the reference is
     the most likely option for even items and another for odd ones: acc_loglik is exactly 1/2."""
@@ -125,13 +125,17 @@ def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_
     _, tok = plain
     colours = [["red", "blue", "green"], ["Paris", "London", "Rome"], ["yes please", "no thanks", "maybe later"]]
     instances = []
+    defaults = {"binary_choice": ["yes", "no"], "pubmedqa": ["yes", "no", "maybe"]}
     for i in range(6):
-        options = ["yes", "no"] if answer_type == "binary_choice" else colours[i % 3]
-        question = f"Question {i}: pick one.\n" + "".join(f"({chr(65 + k)}) {o}\n" for k, o in enumerate(options)) + "Answer:"
+        options = defaults.get(answer_type) or colours[i % 3]
+        if answer_type == "multiple_choice":
+            question = f"Question {i}: pick one.\n" + "".join(f"({chr(65 + k)}) {o}\n" for k, o in enumerate(options)) + "Answer:"
+        else:  # no options written out: the answer type's defaults apply
+            question = f"Question {i}: is it so? Answer:"
         scores = [sum(_logprobs(plain, question, " " + o)) for o in options]
         best = max(range(len(options)), key=lambda k: scores[k])
         pick = best if i % 2 == 0 else (best + 1) % len(options)
-        reference = options[pick] if answer_type == "binary_choice" else f"({chr(65 + pick)})"
+        reference = options[pick] if answer_type in defaults else f"({chr(65 + pick)})"
         row = {"input": question, "output": reference}
         if i % 3 == 0 and answer_type == "multiple_choice":
             row["options"] = options  # listed; the others are read from the question's lines
@@ -144,7 +148,8 @@ def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_
     from lmflow_ray.eval.metrics import judge, parse_options
 
     for p, inst in zip(result.predictions, instances):
-        assert p["correct"] == judge(answer_type, p["prediction"], inst["output"], inst.get("options") or parse_options(inst["input"]) or ["yes", "no"])
+        options = inst.get("options") or parse_options(inst["input"]) or defaults[answer_type]
+        assert p["correct"] == judge(answer_type, p["prediction"], inst["output"], options)
     assert result.metrics["acc"] == sum(p["correct"] for p in result.predictions) / 6
 
 

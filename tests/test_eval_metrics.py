@@ -70,3 +70,35 @@ def test_nll_ppl_and_accuracy():
     assert accuracy([True, False, True, True]) == 0.75 and accuracy([]) == 0.0
     with pytest.raises(ValueError):
         nll([])
+
+
+def test_judge_reads_each_answer_type():
+    from lmflow_ray.eval.metrics import judge, parse_options
+
+    assert judge("text", "ORD-123456", "ord 123456") is False and judge("text", "ORD-123456", "ord-123456.") is True
+    assert judge("math", "3 + 4 = 7, so the answer is 7.", "#### 7") is True
+    assert judge("math", "about 8", "#### 7") is False
+    opts = parse_options("Which colour?\n(A) red\n(B) blue\nC. green\nAnswer:")
+    assert opts == ["red", "blue", "green"]
+    assert judge("multiple_choice", "(B)", "B", opts) and judge("multiple_choice", "It is blue.", "(B)", opts)
+    assert not judge("multiple_choice", "(A) or (B)", "B", opts)  # names several: no answer
+    assert judge("binary_choice", "Yes, it arrived.", "yes", ["yes", "no"])
+    assert not judge("binary_choice", "No.", "yes", ["yes", "no"])
+    assert judge("pubmedqa", "Maybe: the evidence is mixed.", "maybe", ["yes", "no", "maybe"])
+    assert not judge("pubmedqa", "no", "maybe", ["yes", "no", "maybe"])
+    # Options are matched as whole words: "not" and "know" do not say "no".
+    assert not judge("pubmedqa", "I do not know", "no", ["yes", "no", "maybe"])
+
+
+def test_lmflow_metric_and_answer_type_names_are_accepted():
+    from lmflow_ray.config import load_recipe
+    from lmflow_ray.errors import UserError
+
+    assert load_recipe(None, ["--metric", "accuracy"]).eval.metric == ["acc"]
+    assert load_recipe(None, ["metric=accuracy,nll"]).eval.metric == ["acc", "nll"]
+    assert load_recipe(None, ["--answer_type", "gsm8k"]).eval.answer_type == "math"
+    assert load_recipe(None, ["--answer_type", "medmcqa"]).eval.answer_type == "multiple_choice"
+    assert load_recipe(None, ["--answer_type", "usmle"]).eval.answer_type == "multiple_choice"
+    assert load_recipe(None, ["--answer_type", "pubmedqa"]).eval.answer_type == "pubmedqa"
+    with pytest.raises(UserError, match="answer_type"):
+        load_recipe(None, ["answer_type=essay"])

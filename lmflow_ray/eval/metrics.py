@@ -62,7 +62,8 @@ def extract_choice(text: str, options: Sequence[str]) -> int | None:
     if m:
         return letters.index(m.group(1).upper())
     said = normalize_text(head)
-    hits = [i for i, option in enumerate(options) if normalize_text(option) and normalize_text(option) in said]
+    hits = [i for i, option in enumerate(options)
+            if normalize_text(option) and re.search(rf"\b{re.escape(normalize_text(option))}\b", said)]
     return hits[0] if len(hits) == 1 else None
 
 

@@ -24,7 +24,8 @@ from lmflow_ray.eval import metrics
 from lmflow_ray.eval.score import Item, prepare, prompt_text
 from lmflow_ray.model.locate import display_name, exact_uri, local_folder, split_adapter
 
-CHOICE_TYPES = ("multiple_choice", "binary_choice")
+CHOICE_TYPES = ("multiple_choice", "binary_choice", "pubmedqa")
+PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 MAX_PROBLEMS = 20
 
 
@@ -106,15 +107,17 @@ def preflight(recipe: Recipe) -> None:
 
 def options_for(recipe: Recipe, item: dict[str, Any], question: str) -> list[str]:
     """A choice question's options: listed in the instance, else read from the question's
-    "(A) ..." lines; binary questions default to yes / no."""
+    "(A) ..." lines; binary questions default to yes / no, PubMedQA's to yes / no / maybe."""
     answer_type = recipe.eval.answer_type
     if answer_type not in CHOICE_TYPES:
         return []
     found = list(item.get("options") or []) or metrics.parse_options(question)
     if not found and answer_type == "binary_choice":
         found = list(metrics.BINARY_OPTIONS)
+    if not found and answer_type == "pubmedqa":
+        found = list(PUBMEDQA_OPTIONS)
     if not found:
-        raise UserError(f"eval.answer_type multiple_choice: instance {item['index']} lists no options "
+        raise UserError(f"eval.answer_type {answer_type}: instance {item['index']} lists no options "
                         "(give an `options` list, or lines such as \"(A) ...\" in the question)")
     return found
 
