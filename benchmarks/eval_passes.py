@@ -41,13 +41,14 @@ def main() -> int:
     from lmflow_ray.config import load_recipe
     from lmflow_ray.data.pipeline import Spec, tools_for
     from lmflow_ray.embedded import resolve_model_path
-    from lmflow_ray.eval.run import read_instances
+    from lmflow_ray.eval.run import open_eval_dataset, read_instances
     from lmflow_ray.eval.score import generate_answers, prepare, token_logprobs
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(str(REPO / "jobs" / "demo_lora.yaml"), [f"max_eval_samples={args.n}"])
     folder = resolve_model_path("default")
-    kind, instances = read_instances(recipe)
+    source = open_eval_dataset(recipe)
+    kind, instances = source.kind, read_instances(recipe, source)
     spec = Spec(folder, False, recipe.data.conversation_template, kind, recipe.data.block_size, False, False)
     tokenizer, _, _ = tools_for(spec)
     items = sorted(prepare(instances, range(len(instances)), spec, "{input}"), key=lambda it: -len(it.ids))
@@ -105,7 +106,7 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| method | seconds | items/s |\n|---|---:|---:|")
+    print("| method | seconds | items/s |\n|---|---:|---:|")
     for r in rows:
         print(f"| {r['method']} | {r['seconds']:.1f} | {r['items_per_s']:.2f} |")
     print(f"one pass saves {result['one_pass_saves']:.0%} of two passes; same answers: {same_answers}; "

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
-from lmflow_ray.eval.run import EvalResult, evaluate, read_instances
+from lmflow_ray.eval.run import EvalResult, evaluate, open_eval_dataset, read_instances
 from lmflow_ray.model.locate import display_name
 
 STAGES = 6
@@ -104,7 +104,7 @@ def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], No
     connect(address)
     quiet_data_logs()
     storage.remove(run_uri, s3)  # the demo starts over each time
-    _, heldout = read_instances(recipe)
+    heldout = read_instances(recipe, open_eval_dataset(recipe))
     timings["ray"] = time.time() - t
 
     def with_eval(model: str, name: str) -> Recipe:

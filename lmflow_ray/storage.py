@@ -7,6 +7,7 @@ Options travel to Ray tasks as a plain dict (``S3Options``), never as live clien
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -183,6 +184,16 @@ def remove(uri: str, s3: S3Options | dict | None = None) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def swap_in(finished: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put a complete local folder at ``target`` (same filesystem), replacing what is there: a
+    crash leaves the old folder (or none), never half of one."""
+    old = f"{os.fspath(finished)}-old"
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(finished, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options | dict | None = None) -> None:

@@ -75,6 +75,12 @@ def _recipe(model, data, out, *extra):
                               "conversation_template=tokenizer", *extra])
 
 
+def evaluate_quiet(recipe):
+    from lmflow_ray.eval.run import evaluate
+
+    return evaluate(recipe, say=lambda _: None)
+
+
 @pytest.fixture(scope="module")
 def chat_set(plain, tmp_path_factory):
     """Conversations whose reference is the model's own greedy answer for even items and a wrong
@@ -94,10 +100,8 @@ def chat_set(plain, tmp_path_factory):
 
 
 def test_folder_eval_accuracy_nll_and_files(ray_local, tiny_model_dir, chat_set, tmp_path):
-    from lmflow_ray.eval.run import evaluate
-
     data, expected_nll = chat_set
-    result = evaluate(_recipe(tiny_model_dir, data, tmp_path / "out", "metric=acc,nll"), say=lambda _: None)
+    result = evaluate_quiet(_recipe(tiny_model_dir, data, tmp_path / "out", "metric=acc,nll"))
     assert result.count == len(QUESTIONS) and result.correct == len(QUESTIONS) // 2
     assert result.metrics["acc"] == 0.5
     assert result.metrics["nll"] == pytest.approx(expected_nll, rel=1e-4)
@@ -120,8 +124,6 @@ def test_folder_eval_accuracy_nll_and_files(ray_local, tiny_model_dir, chat_set,
 def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_dir, plain, answer_type, tmp_path):
     """text2text questions with options (listed, or read from "(A) ..." lines); the reference is
     the most likely option for even items and another for odd ones: acc_loglik is exactly 1/2."""
-    from lmflow_ray.eval.run import evaluate
-
     _, tok = plain
     colours = [["red", "blue", "green"], ["Paris", "London", "Rome"], ["yes please", "no thanks", "maybe later"]]
     instances = []
@@ -141,7 +143,7 @@ def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_
             row["options"] = options  # listed; the others are read from the question's lines
         instances.append(row)
     data = _write(tmp_path / "choice", "text2text", instances)
-    result = evaluate(_recipe(tiny_model_dir, data, tmp_path / "out", f"answer_type={answer_type}"), say=lambda _: None)
+    result = evaluate_quiet(_recipe(tiny_model_dir, data, tmp_path / "out", f"answer_type={answer_type}"))
     assert result.metrics["acc_loglik"] == 0.5
     assert [p["loglik_correct"] for p in result.predictions] == [i % 2 == 0 for i in range(6)]
     # Generated answers are judged too: each as the metric reads that answer type.
@@ -155,15 +157,13 @@ def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_
 
 def test_math_answers_are_read_as_the_final_number(ray_local, tiny_model_dir, plain, tmp_path):
     from lmflow_ray.eval.metrics import extract_number
-    from lmflow_ray.eval.run import evaluate
-
     prompts = [f"Q: {a} plus {b}?\nA:" for a, b in [(1, 2), (3, 4), (10, 5), (7, 7)]]
     said = [_greedy(plain, p) for p in prompts]
     # A reference that agrees with the model's final number where it gave one, else a number it did not give.
     references = [f"#### {extract_number(s):g}" if extract_number(s) is not None else "#### 123456789" for s in said]
     references[1] = "#### 987654321"  # one certainly wrong
     data = _write(tmp_path / "math", "text2text", [{"input": p, "output": r} for p, r in zip(prompts, references)])
-    result = evaluate(_recipe(tiny_model_dir, data, tmp_path / "out", "answer_type=math"), say=lambda _: None)
+    result = evaluate_quiet(_recipe(tiny_model_dir, data, tmp_path / "out", "answer_type=math"))
     assert [p["prediction"] for p in result.predictions] == said
     expected = [extract_number(s) is not None and i != 1 for i, s in enumerate(said)]
     assert [p["correct"] for p in result.predictions] == expected
@@ -194,11 +194,6 @@ def test_text_nll_uses_block_size_windows_like_lmflow(ray_local, tiny_model_dir,
     assert result.metrics["nll"] == pytest.approx(total / count, rel=1e-4)
     assert "acc" not in result.metrics
 
-
-def evaluate_quiet(recipe):
-    from lmflow_ray.eval.run import evaluate
-
-    return evaluate(recipe, say=lambda _: None)
 
 
 def test_a_lora_checkpoint_in_s3(ray_local, s3_server, tiny_model_dir, chat_set, tmp_path):
@@ -246,7 +241,6 @@ def test_a_served_endpoint_gives_the_same_answers_as_the_folder(ray_local, tiny_
     from ray import serve
 
     from lmflow_ray.config import load_recipe
-    from lmflow_ray.eval.run import evaluate
     from lmflow_ray.serve.app import APP_NAME, build_app
 
     data, _ = chat_set
@@ -258,7 +252,7 @@ def test_a_served_endpoint_gives_the_same_answers_as_the_folder(ray_local, tiny_
     serve.run(app, name=APP_NAME, route_prefix="/")
     try:
         url = f"http://127.0.0.1:{port}"
-        served = evaluate(_recipe(tiny_model_dir, data, tmp_path / "served", f"server_url={url}"), say=lambda _: None)
+        served = evaluate_quiet(_recipe(tiny_model_dir, data, tmp_path / "served", f"server_url={url}"))
         assert [p["prediction"] for p in served.predictions] == [p["prediction"] for p in folder.predictions]
         assert served.metrics["acc"] == folder.metrics["acc"] == 0.5
         assert served.model == f"tiny at {url}"

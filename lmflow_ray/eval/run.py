@@ -18,10 +18,12 @@ from typing import Any, Callable
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
 from lmflow_ray.data.pipeline import Spec, renders, tools_for
-from lmflow_ray.data.sources import open_dataset, read_shard
+from lmflow_ray.data.sources import Dataset, open_dataset, read_shard
 from lmflow_ray.errors import DataError, UserError
 from lmflow_ray.eval import metrics
 from lmflow_ray.eval.score import Item, prepare, prompt_text
+from lmflow_ray.model.adapters import has_tokenizer
+from lmflow_ray.model.load import inference_dtype
 from lmflow_ray.model.locate import display_name, exact_uri, local_folder, split_adapter
 
 CHOICE_TYPES = ("multiple_choice", "binary_choice", "pubmedqa")
@@ -55,10 +57,13 @@ def dataset_uri(recipe: Recipe) -> str:
     return uri
 
 
-def read_instances(recipe: Recipe, check: Callable[[dict], None] | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """(dataset type, validated instances in file order), the first ``max_eval_samples`` of them;
-    problems are reported all together with file, line and field."""
-    source = open_dataset(dataset_uri(recipe), storage.S3Options.resolve(recipe.storage))
+def open_eval_dataset(recipe: Recipe) -> Dataset:
+    return open_dataset(dataset_uri(recipe), storage.S3Options.resolve(recipe.storage))
+
+
+def read_instances(recipe: Recipe, source: Dataset, check: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+    """Validated instances in file order, the first ``max_eval_samples`` of them; problems are
+    reported all together with file, line and field."""
     limit = recipe.eval.max_eval_samples or sys.maxsize
     instances: list[dict[str, Any]] = []
     problems: list[str] = []
@@ -81,7 +86,7 @@ def read_instances(recipe: Recipe, check: Callable[[dict], None] | None = None) 
         raise DataError(problems)
     if not instances:
         raise UserError(f"{dataset_uri(recipe)}: no instances to evaluate")
-    return source.kind, instances
+    return instances
 
 
 def check_request(recipe: Recipe, kind: str, endpoint: bool) -> None:
@@ -99,33 +104,34 @@ def check_request(recipe: Recipe, kind: str, endpoint: bool) -> None:
 def preflight(recipe: Recipe) -> None:
     """The checks that need no cluster: the dataset opens, its type suits the metrics and the
     model source, and the model is where the recipe says."""
-    kind = open_dataset(dataset_uri(recipe), storage.S3Options.resolve(recipe.storage)).kind
-    check_request(recipe, kind, endpoint=bool(recipe.eval.server_url))
+    check_request(recipe, open_eval_dataset(recipe).kind, endpoint=bool(recipe.eval.server_url))
     if not recipe.eval.server_url:
         exact_uri(recipe.model.model_name_or_path, storage.S3Options.resolve(recipe.storage).to_dict(), "model.model_name_or_path")
 
 
-def options_for(recipe: Recipe, item: dict[str, Any], question: str) -> list[str]:
+def options_for(recipe: Recipe, kind: str, instance: dict[str, Any], index: int) -> list[str]:
     """A choice question's options: listed in the instance, else read from the question's
     "(A) ..." lines; binary questions default to yes / no, PubMedQA's to yes / no / maybe."""
     answer_type = recipe.eval.answer_type
     if answer_type not in CHOICE_TYPES:
         return []
-    found = list(item.get("options") or []) or metrics.parse_options(question)
+    question = question_of(kind, instance, recipe.eval.prompt_structure)
+    found = list(instance.get("options") or []) or metrics.parse_options(question)
     if not found and answer_type == "binary_choice":
         found = list(metrics.BINARY_OPTIONS)
     if not found and answer_type == "pubmedqa":
         found = list(PUBMEDQA_OPTIONS)
     if not found:
-        raise UserError(f"eval.answer_type {answer_type}: instance {item['index']} lists no options "
+        raise UserError(f"eval.answer_type {answer_type}: instance {index} lists no options "
                         "(give an `options` list, or lines such as \"(A) ...\" in the question)")
     return found
 
 
 def question_of(kind: str, instance: dict[str, Any], prompt_structure: str) -> str:
+    """The text a choice question's options are read from: the last user turn, or the prompt."""
     if kind == "conversation":
-        return instance["messages"][-2]["content"] if len(instance["messages"]) >= 2 else ""
-    return prompt_text(instance, prompt_structure) if kind == "text2text" else ""
+        return instance["messages"][-2]["content"]  # validation ends a conversation with user, assistant
+    return prompt_text(instance, prompt_structure)
 
 
 def request_rows(recipe: Recipe, kind: str, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -139,25 +145,18 @@ def request_rows(recipe: Recipe, kind: str, instances: list[dict[str, Any]]) -> 
         else:
             request = {"prompt": prompt_text(inst, recipe.eval.prompt_structure)}
             reference = inst["output"]
-        row = {"index": index, "request": json.dumps(request), "reference": reference}
-        row["options"] = options_for(recipe, {**inst, "index": index}, question_of(kind, inst, recipe.eval.prompt_structure))
-        rows.append(row)
+        rows.append({"index": index, "request": json.dumps(request), "reference": reference,
+                     "options": options_for(recipe, kind, inst, index)})
     return rows
 
 
 def item_rows(recipe: Recipe, kind: str, spec: Spec, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Token rows for a model, longest first (batches of like lengths pad least)."""
     items = prepare(instances, range(len(instances)), spec, recipe.eval.prompt_structure)
-    rows = []
-    for item in items:
-        row = asdict(item)
-        if kind != "text_only":
-            inst = instances[item.index]
-            row["options"] = item.options or options_for(recipe, {**inst, "index": item.index},
-                                                         question_of(kind, inst, recipe.eval.prompt_structure))
-        rows.append(row)
-    rows.sort(key=lambda r: -len(r["ids"]))
-    return rows
+    if kind != "text_only":  # text_only items are windows, with no question behind them
+        for item in items:
+            item.options = options_for(recipe, kind, instances[item.index], item.index)
+    return sorted((asdict(item) for item in items), key=lambda r: -len(r["ids"]))
 
 
 # ---- the Ray Data stages -----------------------------------------------------------------------
@@ -172,20 +171,17 @@ class ModelScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(max(1, threads))
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32}.get(torch_dtype) or getattr(torch, torch_dtype)
         base = local_folder(base_uri, s3)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
-        tokenizer_folder = base
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=inference_dtype(torch_dtype), trust_remote_code=trust_remote_code)
+        tokens_from = base
         if adapter_uri:
             from peft import PeftModel
 
             adapter = local_folder(adapter_uri, s3)
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-            if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")):
-                tokenizer_folder = adapter
-        self.model = model.to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=trust_remote_code)
+            tokens_from = adapter if has_tokenizer(adapter) else base
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokens_from, trust_remote_code=trust_remote_code)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.answer_type, self.wanted = answer_type, set(wanted)
@@ -267,10 +263,10 @@ def aggregate(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[dict[str
     for row in sorted(rows, key=lambda r: r["index"]):
         o = by_index[row["index"]]
         rec: dict[str, Any] = {"index": row["index"]}
-        if "reference" in row and row.get("reference") != "":
+        if row["reference"]:  # text_only windows have none
             rec["reference"] = row["reference"]
         if "prediction" in o:
-            ok = metrics.judge(answer_type, o["prediction"], row["reference"], row.get("options") or [])
+            ok = metrics.judge(answer_type, o["prediction"], row["reference"], row["options"])
             rec.update(prediction=o["prediction"], correct=ok)
             correct += ok
         if "option_logprobs" in o:
@@ -346,11 +342,7 @@ def write_outputs(result: EvalResult, s3: dict | None) -> None:
             for rec in result.predictions:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         if parent:
-            old = f"{tmp}-old"
-            if os.path.exists(target):
-                os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            storage.swap_in(tmp, target)
         else:
             storage.remove(target, s3)
             storage.upload(tmp, target, s3)
@@ -403,8 +395,10 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None 
         if name not in served:
             raise UserError(f"--model {name!r}: {url} serves {', '.join(served)}")
         shown = f"{name} at {url}"
-        kind, instances = read_instances(recipe)
+        source = open_eval_dataset(recipe)
+        kind = source.kind
         check_request(recipe, kind, endpoint=True)
+        instances = read_instances(recipe, source)
         if set(section.metric) & {"nll", "ppl"}:
             say("eval: nll/ppl left out: a server returns text, not token probabilities (evaluate the checkpoint for them)")
         rows = request_rows(recipe, kind, instances)
@@ -418,17 +412,17 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None 
         base_uri, adapter_uri = split_adapter(uri, s3)
         shown = display_name(uri) if uri == base_uri else f"{uri} (LoRA on {display_name(base_uri)})"
         name = display_name(source)
-        # The tokenizer and template come from the model itself (its adapter folder, if it has one).
-        local = local_folder(adapter_uri or base_uri, s3)
-        if not os.path.isfile(os.path.join(local, "tokenizer_config.json")):
-            local = local_folder(base_uri, s3)
-        kind = open_dataset(dataset_uri(recipe), storage.S3Options.resolve(recipe.storage)).kind
+        # The tokenizer and template come from the model itself, as the scorer loads them.
+        adapter = local_folder(adapter_uri, s3) if adapter_uri else None
+        local = adapter if adapter and has_tokenizer(adapter) else local_folder(base_uri, s3)
+        source = open_eval_dataset(recipe)
+        kind = source.kind
         check_request(recipe, kind, endpoint=False)
         spec = Spec(model_name_or_path=local, trust_remote_code=recipe.model.trust_remote_code,
                     conversation_template=recipe.data.conversation_template, kind=kind, block_size=recipe.data.block_size,
                     train_on_prompt=False, packing=False)
         tools_for(spec)  # a bad template fails here, before any instance is read
-        kind, instances = read_instances(recipe, renders(spec))
+        instances = read_instances(recipe, source, renders(spec))
         rows = item_rows(recipe, kind, spec, instances)
         workers, cpus, gpus = workers_for(recipe)
         workers = min(workers, max(1, math.ceil(len(rows) / section.inference_batch_size_per_device)))

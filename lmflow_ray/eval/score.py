@@ -22,7 +22,7 @@ from lmflow_ray.errors import UserError
 @dataclass
 class Item:
     """One thing to score: token ids (prompt + reference), which tokens count for NLL, where the
-    generation prompt ends, and the reference answer and options (for accuracy)."""
+    generation prompt ends, and the reference answer and a choice question's options (accuracy)."""
 
     index: int
     ids: list[int]
@@ -56,10 +56,10 @@ def prepare(instances: Sequence[dict[str, Any]], indices: Sequence[int], spec: S
     else:
         raise UserError(f"eval: a {spec.kind} dataset has no single reference answer; use conversation, text2text or text_only")
     items = []
-    for index, inst, r, t, ref in zip(indices, instances, rendered, tokenize_rendered(rendered, tokenizer), references):
+    for index, r, t, ref in zip(indices, rendered, tokenize_rendered(rendered, tokenizer), references):
         start = r.spans[-1][0]  # the last reply begins here
         prompt_len = int(np.sum(t.offsets[:, 1] <= start))
-        items.append(Item(int(index), t.ids.tolist(), t.trained.tolist(), prompt_len, ref, list(inst.get("options") or [])))
+        items.append(Item(int(index), t.ids.tolist(), t.trained.tolist(), prompt_len, ref))
     return items
 
 

@@ -36,6 +36,11 @@ def adapter_base(folder: str | os.PathLike) -> str | None:
         return json.load(f).get("base_model_name_or_path")
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether a folder carries its own tokenizer (an adapter's beats its base's when it does)."""
+    return os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
+
+
 def load_with_adapter(base: str, adapter_folder: str | os.PathLike) -> Any:
     """Base model (a folder or `default`) with the adapter on top, as a PeftModel."""
     from peft import PeftModel
@@ -53,6 +58,7 @@ def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, 
 
     from transformers import AutoTokenizer
 
+    from lmflow_ray import storage
     from lmflow_ray.embedded import resolve_model_path
 
     if not is_adapter_folder(adapter_folder):
@@ -61,7 +67,7 @@ def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, 
     if not base:
         raise UserError(f"{adapter_folder}/adapter_config.json: no base_model_name_or_path; pass --model_name_or_path")
     merged = load_with_adapter(base, adapter_folder).merge_and_unload()
-    tok_source = adapter_folder if os.path.isfile(os.path.join(adapter_folder, "tokenizer_config.json")) else resolve_model_path(base)
+    tok_source = adapter_folder if has_tokenizer(adapter_folder) else resolve_model_path(base)
     output = os.path.abspath(output)
     if os.path.isfile(output):
         raise UserError(f"{output}: is a file; --output_model_path names a folder")
@@ -70,12 +76,7 @@ def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, 
     try:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
-        # Swap in only once complete: a crash leaves the old folder (or none), never half a model.
-        old = f"{tmp}-old"
-        if os.path.exists(output):
-            os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old, ignore_errors=True)
+        storage.swap_in(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -22,6 +22,16 @@ def attention_implementation(section: ModelSection) -> str:
     return "flash_attention_2"
 
 
+def inference_dtype(torch_dtype: str) -> Any:
+    """The `dtype` for from_pretrained when serving or evaluating: `auto` means the checkpoint's own
+    dtype on a GPU and float32 on CPU (half precision is slow there)."""
+    import torch
+
+    if torch_dtype == "auto":
+        return "auto" if torch.cuda.is_available() else torch.float32
+    return getattr(torch, torch_dtype)
+
+
 def load_model(section: ModelSection, dtype: str = "float32") -> Any:
     """AutoModelForCausalLM in ``dtype`` (training keeps float32 master weights; mixed precision
     is the strategy's job)."""

@@ -108,12 +108,12 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from lmflow_ray.data.templates import get_template
+        from lmflow_ray.model.load import inference_dtype
 
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
-        torch_dtype = torch.float32 if dtype == "auto" and not torch.cuda.is_available() else dtype
-        model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=inference_dtype(dtype), trust_remote_code=trust_remote_code)
         self.adapters = list(adapters or {})
         if adapters:
             from peft import PeftModel
