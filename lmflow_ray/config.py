@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmflow_ray.errors import UserError
 
@@ -43,10 +43,24 @@ class ModelSection(_Section):
     rope_pi_ratio: float = Field(1.0, ge=1.0)
     rope_ntk_ratio: float = Field(1.0, ge=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora_means_lora(cls, data: Any) -> Any:
+        """LMFlow's ``--use_qlora 1`` alone trains LoRA adapters on the quantized base."""
+        if isinstance(data, dict) and data.get("use_qlora") in (True, 1, "true", "1") and "use_lora" not in data:
+            data = {**data, "use_lora": True}
+        return data
+
+    @model_validator(mode="after")
+    def _qlora_needs_lora(self) -> "ModelSection":
+        if self.use_qlora and not self.use_lora:
+            raise ValueError("use_qlora trains LoRA adapters on a quantized base; it needs use_lora (leave use_lora out or set it true)")
+        return self
+
     @property
     def method(self) -> str:
-        """How the weights are tuned, as checkpoints record it."""
-        return "lora" if self.use_lora else "full"
+        """How the weights are tuned, as checkpoints record it (LISA is the train section's)."""
+        return "qlora" if self.use_qlora else "lora" if self.use_lora else "full"
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -154,6 +168,18 @@ class Recipe(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _lisa_is_full(self) -> "Recipe":
+        if self.train.use_lisa and self.model.use_lora:
+            raise ValueError("train.use_lisa trains sampled decoder blocks in full; it does not combine with "
+                             "model.use_lora / use_qlora (pick one)")
+        return self
+
+    @property
+    def method(self) -> str:
+        """full | lora | qlora | lisa, as checkpoints record it."""
+        return "lisa" if self.train.use_lisa else self.model.method
 
 
 SECTIONS: dict[str, type[_Section]] = {name: info.annotation for name, info in Recipe.model_fields.items()}
@@ -330,7 +356,8 @@ def _explain(err: ValidationError, origin: dict[tuple[str, str], str], where: st
         place = origin.get((loc[0], loc[1]), where) if len(loc) >= 2 else where
         got = e.get("input")
         shown = f" (got {got!r})" if not isinstance(got, dict) else ""
-        out.append(f"{place}: {key}: {e['msg']}{shown}")
+        msg = e["msg"].removeprefix("Value error, ")
+        out.append(f"{place}: {key + ': ' if key else ''}{msg}{shown}")
     return "\n".join(out)
 
 

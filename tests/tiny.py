@@ -51,14 +51,14 @@ def tiny_tokenizer(bos_token: str | None = "<s>", eos_token: str | None = "</s>"
     return tok
 
 
-def tiny_llama(vocab_size: int, seed: int = 0):
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32, positions: int = 256):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).eval()

@@ -9,9 +9,14 @@ from lmflow_ray.config import ModelSection
 from lmflow_ray.errors import UserError
 
 
-def apply_lora(model: Any, section: ModelSection) -> Any:
-    """Wrap ``model`` in a PeftModel with the recipe's r / alpha / dropout / targets / DoRA flag."""
-    from peft import LoraConfig, get_peft_model
+def apply_lora(model: Any, section: ModelSection, gradient_checkpointing: bool = False) -> Any:
+    """Wrap ``model`` in a PeftModel with the recipe's r / alpha / dropout / targets / DoRA flag;
+    a quantized (QLoRA) base is first readied for k-bit training (norms in fp32, input grads on)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if section.use_qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
 
     config = LoraConfig(
         r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
@@ -41,13 +46,28 @@ def has_tokenizer(folder: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
 
 
+def trained_rope(adapter_folder: str | os.PathLike) -> dict:
+    """The RoPE scaling a LoRA run trained with (written next to its adapter), as recipe keys."""
+    import json
+
+    from lmflow_ray.model.load import ROPE_MARK
+
+    path = os.path.join(adapter_folder, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get(ROPE_MARK) or {}
+
+
 def load_with_adapter(base: str, adapter_folder: str | os.PathLike) -> Any:
-    """Base model (a folder or `default`) with the adapter on top, as a PeftModel."""
+    """Base model (a folder or `default`) with the adapter on top, as a PeftModel; the base gets the
+    RoPE scaling the adapter was trained with."""
     from peft import PeftModel
 
     from lmflow_ray.model.load import load_model
 
-    return PeftModel.from_pretrained(load_model(ModelSection(model_name_or_path=base)), os.fspath(adapter_folder))
+    section = ModelSection(model_name_or_path=base, **trained_rope(adapter_folder))
+    return PeftModel.from_pretrained(load_model(section), os.fspath(adapter_folder))
 
 
 def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None) -> str:

@@ -108,7 +108,7 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from lmflow_ray.data.templates import get_template
-        from lmflow_ray.model.load import inference_dtype
+        from lmflow_ray.model.load import context_length, inference_dtype
 
         if threads:
             torch.set_num_threads(threads)
@@ -129,7 +129,7 @@ class TransformersEngine:
         self.device = next(self.model.parameters()).device
         self.template = get_template(conversation_template, self.tokenizer)
         config = self.model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+        self.context_length = context_length(config, self.tokenizer.model_max_length)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)

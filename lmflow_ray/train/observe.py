@@ -58,6 +58,65 @@ class Meter:
         return max(1e-9, time.perf_counter() - self.start)
 
 
+class MemoryPeak:
+    """The highest memory this worker used since the last ``take``: CUDA's allocator peak on a GPU;
+    on CPU the process's resident size, sampled every 20 ms by a daemon thread."""
+
+    def __init__(self, device: Any, every: float = 0.02) -> None:
+        import threading
+
+        self.cuda = device.type == "cuda"
+        self.peak = 0
+        if not self.cuda:
+            import psutil
+
+            self.process = psutil.Process()
+            self.peak = self.process.memory_info().rss
+            threading.Thread(target=self._sample, args=(every,), daemon=True).start()
+
+    def _sample(self, every: float) -> None:
+        while True:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(every)
+
+    def take(self) -> float:
+        """Bytes at the peak since the last call; starts the next window."""
+        if self.cuda:
+            import torch
+
+            peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return float(peak)
+        peak, self.peak = self.peak, self.process.memory_info().rss
+        return float(peak)
+
+
+class BlockWatch:
+    """Which decoder blocks' weights changed between two looks (a sum of squares per block), the
+    direct evidence of which blocks LISA trained."""
+
+    def __init__(self, model: Any, lisa: Any) -> None:
+        self.model, self.lisa = model, lisa
+        self.last = self._sums()
+
+    def _sums(self) -> list[float]:
+        import torch
+
+        sums = [0.0] * len(self.lisa.blocks)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                index = self.lisa.block_of.get(name)
+                if index is not None:
+                    sums[index] += float(p.detach().double().pow(2).sum())
+        return sums
+
+    def changed(self) -> list[int]:
+        now = self._sums()
+        moved = [i for i, (a, b) in enumerate(zip(self.last, now)) if a != b]
+        self.last = now
+        return moved
+
+
 class TensorBoard:
     """Scalars into TensorBoard event files in a local folder (copied up with each checkpoint)."""
 
@@ -105,6 +164,7 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     tps = [h["tokens_per_s"] for h in rows if "tokens_per_s" in h]
     mfu = [h["mfu"] for h in rows if "mfu" in h]
+    mem = [h["peak_memory_mb"] for h in rows if "peak_memory_mb" in h]
     lines = [
         f"# Run `{info['run_name']}`",
         "",
@@ -120,6 +180,7 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
         f"{last.get('loss', float('nan')):.4f} at step {last.get('step', '-')} |",
         f"| tokens/s (all workers, median) | {median(tps) if tps else math.nan:,.0f} |",
         f"| MFU (median) | {median(mfu) if mfu else math.nan:.2%} |",
+        f"| peak memory (highest worker) | {max(mem) if mem else math.nan:,.0f} MB |",
         f"| final export | `{info['export']}` |",
         "",
         "![loss](loss.png)",

@@ -19,7 +19,7 @@ from lmflow_ray.config import Recipe
 from lmflow_ray.data.pipeline import build_dataset
 from lmflow_ray.errors import UserError
 from lmflow_ray.storage import S3Options
-from lmflow_ray.train.deepspeed import deepspeed_config, zero_stage
+from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
 from lmflow_ray.train.plan import Plan, make_plan
 
 
@@ -45,6 +45,19 @@ def _use_gpu(recipe: Recipe) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def check_method(recipe: Recipe, world: int) -> None:
+    """Combinations of method and DeepSpeed config that cannot work, refused before a cluster starts."""
+    config = deepspeed_config(recipe.train, world)
+    stage, offload = zero_stage(config), offloads_optimizer(config)
+    if recipe.train.use_lisa and config is not None and (stage not in (1, 2) or offload):
+        raise UserError(f"train.use_lisa: LISA swaps the optimizer's blocks as it goes, which works on DDP (leave "
+                        f"train.deepspeed empty) or DeepSpeed ZeRO-1/2 without offload (zero2); "
+                        f"got {recipe.train.deepspeed!r}")
+    if recipe.model.use_qlora and stage == 3:
+        raise UserError(f"model.use_qlora: a quantized base cannot be partitioned by ZeRO-3 ({recipe.train.deepspeed!r}); "
+                        "use zero2 or DDP")
+
+
 def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool, say) -> storage.CheckpointInfo | None:
     """Start over (``fresh``) or find the checkpoint to resume, refusing ones that cannot load."""
     if fresh:
@@ -65,9 +78,9 @@ def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool
         raise UserError(
             f"{latest.uri}: written by {saved_world} workers with ZeRO-{saved_stage}, whose optimizer state is "
             f"partitioned per worker; resume with num_workers={saved_world}, or start over with --fresh")
-    if latest.manifest.get("method") != recipe.model.method:
+    if latest.manifest.get("method") != recipe.method:
         raise UserError(f"{latest.uri}: a {latest.manifest.get('method')} checkpoint; the recipe asks for "
-                        f"{recipe.model.method} (use --fresh or another run_name)")
+                        f"{recipe.method} (use --fresh or another run_name)")
     return latest
 
 
@@ -91,6 +104,7 @@ def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print
     run_uri = storage.join(recipe.storage.output_model_path if storage.is_remote(recipe.storage.output_model_path)
                            else os.path.abspath(recipe.storage.output_model_path), run_name)
     world = recipe.train.num_workers
+    check_method(recipe, world)
     resume = prepare(recipe, run_uri, s3, world, fresh, say)
     say(f"run {run_name}: " + (f"resuming from step {resume.step} ({resume.uri})" if resume else "starting") +
         f"; to resume later: run_name={run_name}")

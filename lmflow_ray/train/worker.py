@@ -21,9 +21,11 @@ from lmflow_ray.config import Recipe, recipe_to_yaml
 from lmflow_ray.data.packing import collate_columns
 from lmflow_ray.data.tokenize import IGNORE_INDEX, load_tokenizer
 from lmflow_ray.model.adapters import apply_lora
-from lmflow_ray.model.load import load_model, matmul_parameters, parameter_counts
+from lmflow_ray.model.load import ROPE_MARK, load_model, matmul_parameters, parameter_counts
 from lmflow_ray.train.deepspeed import deepspeed_config
-from lmflow_ray.train.observe import Meter, TensorBoard, flops_per_token, measure_matmul_peak, plot_loss, summary_markdown
+from lmflow_ray.model.lisa import Lisa
+from lmflow_ray.train.observe import (BlockWatch, MemoryPeak, Meter, TensorBoard, flops_per_token, measure_matmul_peak,
+                                      plot_loss, summary_markdown)
 from lmflow_ray.train.plan import Plan
 from lmflow_ray.train.strategy import DDPStrategy, DeepSpeedStrategy
 
@@ -42,27 +44,38 @@ def train_loop(config: dict[str, Any]) -> None:
     # Model: the same seed on every rank, so LoRA's random init agrees everywhere.
     seed_everything(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model.model_name_or_path, recipe.model.trust_remote_code)
-    model = load_model(recipe.model)
+    model = load_model(recipe.model, device=device)
     if recipe.model.use_lora:
-        model = apply_lora(model, recipe.model)
+        model = apply_lora(model, recipe.model, gradient_checkpointing=recipe.train.gradient_checkpointing)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total_params, trainable_params = parameter_counts(model)
     n_matmul, cfg = matmul_parameters(model), model.config
-    model.to(device)
+    if not recipe.model.use_qlora:  # a quantized model was placed on its device as it loaded
+        model.to(device)
+
+    # The newest complete checkpoint in the run folder: after a worker-group restart, on a re-run
+    # with the same name, and also when a checkpoint finished uploading just before a crash but Ray
+    # had not yet registered it (ray.train.get_checkpoint() would miss that one).
+    latest = storage.latest_checkpoint(run_uri, s3)  # complete by its manifest
+    start = latest.step if latest is not None else 0
+
+    # LISA: the blocks the checkpoint's optimizer state belongs to (those of its last step).
+    lisa = None
+    if recipe.train.use_lisa:
+        lisa = Lisa(model, recipe.train.lisa_activated_layers, recipe.train.lisa_interval_steps, recipe.train.seed)
+        lisa.activate(lisa.schedule.layers_at(max(0, start - 1)))
+        trainable_params = parameter_counts(model)[1]
+
     ds_config = deepspeed_config(recipe.train, world)
     if ds_config is not None:
         strategy = DeepSpeedStrategy(model, ds_config, plan, recipe.train.learning_rate,
-                                     recipe.train.weight_decay, lora=recipe.model.use_lora)
+                                     recipe.train.weight_decay, lora=recipe.model.use_lora, lisa=lisa)
     else:
         strategy = DDPStrategy(model, plan, recipe.train.learning_rate, recipe.train.weight_decay,
-                               recipe.train.max_grad_norm, recipe.train.bf16)
+                               recipe.train.max_grad_norm, recipe.train.bf16, lisa=lisa)
 
-    # Restore from the newest complete checkpoint in the run folder: after a worker-group restart,
-    # on a re-run with the same name, and also when a checkpoint finished uploading just before a
-    # crash but Ray had not yet registered it (ray.train.get_checkpoint() would miss that one).
     state = {"step": 0, "log_history": [], "resumed_at": []}
-    latest = storage.latest_checkpoint(run_uri, s3)  # complete by its manifest
     if latest is None:
         seed_everything(recipe.train.seed + rank)
     else:
@@ -72,12 +85,16 @@ def train_loop(config: dict[str, Any]) -> None:
     peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
     meter = Meter()
+    memory = MemoryPeak(device)
+    watch = BlockWatch(strategy.module, lisa) if lisa is not None else None
     pad_to = None if recipe.data.packing else recipe.data.block_size
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     strategy.module.train()
 
     # The loop.
     for step, micro_batches in steps(shard, plan, state["step"], recipe.train.seed):
+        if lisa is not None and lisa.schedule.layers_at(step) != lisa.active:
+            strategy.switch(lisa.schedule.layers_at(step))
         for batch in micro_batches:
             inputs = to_device(collate_columns(batch, tokenizer.pad_token_id, pad_to), device)
             trained = int((inputs["labels"] != IGNORE_INDEX).sum())
@@ -98,7 +115,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
         if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done:
             continue
-        metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world)
+        metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world, memory.take())
+        if watch is not None:
+            metrics.update(lisa_metrics(watch, strategy, lisa, world))
         meter.reset()
         state["log_history"].append(metrics)
         if tb is not None:
@@ -152,12 +171,16 @@ def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Ten
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
-def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int) -> dict[str, float]:
-    """Sums over every rank: loss, tokens and FLOPs since the last logging step."""
+def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int,
+                   memory: float) -> dict[str, float]:
+    """Sums over every rank: loss, tokens and FLOPs since the last logging step; the highest
+    worker's memory peak."""
     elapsed = meter.elapsed()
     totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops, peak], dtype=torch.float64)
+    highest = torch.tensor([memory], dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
+        torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
     loss_sum, tokens, trained, flops, peaks = totals.tolist()
     return {
         "step": step,
@@ -170,7 +193,25 @@ def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: fl
         "step_time": elapsed / max(1, meter.steps),
         "flops_per_s": flops / elapsed,
         "mfu": flops / elapsed / peaks if peaks else 0.0,
+        "peak_memory_mb": highest.item() / 2**20,
     }
+
+
+def lisa_metrics(watch: BlockWatch, strategy, lisa: Lisa, world: int) -> dict[str, Any]:
+    """Per rank: the blocks sampled, the blocks whose weights changed since the last logging step
+    and the blocks the optimizer holds state for, plus its bytes. Ranks that disagree on the
+    sample stop the run (they would silently train different models)."""
+    mine = {"layers": list(lisa.active), "updated": watch.changed(), "state": strategy.state_blocks(),
+            "optimizer_mb": strategy.optimizer_bytes() / 2**20}
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, mine)
+    if any(r["layers"] != mine["layers"] for r in everyone):
+        raise RuntimeError(f"LISA: ranks sampled different blocks: {[r['layers'] for r in everyone]}")
+    return {"lisa_layers": mine["layers"], "lisa_updated_layers": [r["updated"] for r in everyone],
+            "lisa_state_layers": [r["state"] for r in everyone],
+            "optimizer_state_mb": max(r["optimizer_mb"] for r in everyone)}
 
 
 def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict, metrics: dict, rank: int,
@@ -190,6 +231,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
             export(strategy.module, weights, tokenizer, os.path.join(folder, storage.EXPORT_DIR))
             with open(os.path.join(folder, "trainer_state.json"), "w") as f:
                 json.dump({"step": step, "epoch": step / plan.steps_per_epoch, "world_size": world,
+                           "lisa_layers": list(strategy.lisa.active) if strategy.lisa is not None else None,
                            "plan": plan.to_dict(), "log_history": state["log_history"],
                            "resumed_at": state["resumed_at"]}, f, indent=1)
             with open(os.path.join(folder, "recipe.yaml"), "w") as f:
@@ -203,7 +245,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
             files = {k: v for part in everyone for k, v in part.items()}
             storage.write_manifest(folder, files, {
                 "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
-                "method": recipe.model.method, "base_model": recipe.model.model_name_or_path,
+                "method": recipe.method, "base_model": recipe.model.model_name_or_path,
                 "export": storage.EXPORT_DIR})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=storage.checkpoint_name(step))
@@ -214,9 +256,21 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
 
 
 def export(module: Any, weights: dict | None, tokenizer: Any, folder: str) -> None:
-    """The standard export: a save_pretrained folder (for LoRA, the adapter) plus the tokenizer."""
+    """The standard export: a save_pretrained folder (for LoRA, the adapter) plus the tokenizer. A
+    LoRA run with RoPE scaling also writes its scaled base config, which merge applies."""
     module.save_pretrained(folder, state_dict=weights)
     tokenizer.save_pretrained(folder)
+    if hasattr(module, "peft_config") and getattr(module.config, ROPE_MARK, None):
+        module.config.save_pretrained(folder)
+
+
+def method_label(recipe: Recipe) -> str:
+    model, train = recipe.model, recipe.train
+    if model.use_lora:
+        return (f"QLoRA ({model.quant_bit}-bit base)" if model.use_qlora else "LoRA") + (" (DoRA)" if model.use_dora else "")
+    if train.use_lisa:
+        return f"LISA ({train.lisa_activated_layers} blocks every {train.lisa_interval_steps} steps)"
+    return "full fine-tuning"
 
 
 def rng_state() -> dict:
@@ -247,7 +301,7 @@ def finish(recipe: Recipe, plan: Plan, state: dict, run_uri: str, s3: dict, tota
     try:
         plot_loss(state["log_history"], os.path.join(folder, "loss.png"))
         info = {"run_name": run_uri.rstrip("/").rsplit("/", 1)[-1], "model": recipe.model.model_name_or_path,
-                "method": "LoRA" + (" (DoRA)" if recipe.model.use_dora else "") if recipe.model.use_lora else "full fine-tuning",
+                "method": method_label(recipe),
                 "strategy": strategy.label, "world_size": world, "device": device.type, "steps": state["step"],
                 "total_steps": plan.total_steps, "total_params": total_params, "trainable_params": trainable_params,
                 "export": storage.join(run_uri, storage.checkpoint_name(state["step"]), storage.EXPORT_DIR)}

@@ -1,0 +1,104 @@
+"""Memory-efficient methods end to end on the session's Ray cluster, 2 Ray Train workers, tiny
+models: LISA on DDP and on DeepSpeed ZeRO-2 (same blocks on every rank, frozen blocks' optimizer
+state gone, resume with the same sampling), QLoRA on a 4-bit base, RoPE scaling past the native
+context, and fine-tuning a model whose vocabulary was extended."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmflow_ray.config import load_recipe
+from lmflow_ray.model.lisa import LisaSchedule
+from lmflow_ray.storage import S3Options, filesystem, join, list_checkpoints, local_model_folder
+from lmflow_ray.train.trainer import run
+
+pytestmark = pytest.mark.slow
+
+ORDERS = Path(__file__).resolve().parent.parent / "jobs" / "data" / "support_orders" / "train" / "train.json"
+CHATML = Path(__file__).resolve().parent / "fixtures" / "chat_templates" / "chatml.jinja"
+
+
+@pytest.fixture(scope="module")
+def orders(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("orders")
+    data = json.loads(ORDERS.read_text())
+    (folder / "orders.json").write_text(json.dumps({"type": "conversation", "instances": data["instances"][:160]}))
+    return folder
+
+
+def save_tiny(folder, **shape):
+    from tiny import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer(chat_template=CHATML.read_text())
+    tok.save_pretrained(folder)
+    tiny_llama(len(tok), **shape).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def six_blocks(tmp_path_factory):
+    """A tiny Llama with 6 decoder blocks (hidden 64, so bitsandbytes can quantize it too)."""
+    return save_tiny(tmp_path_factory.mktemp("six-blocks"), layers=6, hidden=64)
+
+
+def recipe(model, orders, output, *overrides):
+    return load_recipe(None, [f"model_name_or_path={model}", f"dataset_path={orders}", "conversation_template=chatml",
+                              "block_size=256", "num_workers=2", "per_device_train_batch_size=2",
+                              "learning_rate=1e-3", "lr_scheduler_type=constant", "logging_steps=1",
+                              f"output_model_path={output}", *overrides])
+
+
+def history(result):
+    checkpoint = list_checkpoints(result.run_uri, S3Options())[-1]
+    fs, path = filesystem(join(checkpoint.uri, "trainer_state.json"), S3Options())
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())["log_history"]
+
+
+def check_lisa(log, schedule):
+    """Every step trained exactly the sampled blocks, on every rank, and only they had state."""
+    for h in log:
+        sampled = list(schedule.layers_at(h["step"] - 1))
+        assert h["lisa_layers"] == sampled, h["step"]
+        assert h["lisa_updated_layers"] == [sampled, sampled], h["step"]  # weights moved: these, no others
+        assert h["lisa_state_layers"] == [sampled, sampled], h["step"]  # frozen blocks' state is gone
+    assert len({tuple(h["lisa_layers"]) for h in log}) >= 2
+
+
+LISA = ["use_lisa=true", "lisa_activated_layers=2", "lisa_interval_steps=3"]
+
+
+def test_lisa_on_ddp_samples_the_same_blocks_on_every_rank_and_frees_state(ray_local, six_blocks, orders, tmp_path):
+    result = run(recipe(six_blocks, orders, tmp_path, *LISA, "max_steps=7", "save_steps=7"))
+    log = history(result)
+    assert [h["step"] for h in log] == [1, 2, 3, 4, 5, 6, 7]
+    check_lisa(log, LisaSchedule(6, 2, 3, 42))
+    state_mb = [h["optimizer_state_mb"] for h in log]
+    assert max(state_mb) < 1.2 * min(state_mb)  # does not creep as blocks come and go
+    assert log[-1]["loss"] < log[0]["loss"]
+    manifest = list_checkpoints(result.run_uri, S3Options())[-1].manifest
+    assert (manifest["method"], manifest["strategy"]) == ("lisa", "ddp")
+
+
+def test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling(ray_local, six_blocks, orders, tmp_path):
+    base = recipe(six_blocks, orders, tmp_path, *LISA, "deepspeed=zero2", "save_steps=4", "run_name=lisa")
+    schedule = LisaSchedule(6, 2, 3, 42)
+    first = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 4})}))
+    check_lisa(history(first), schedule)
+    second = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 8})}))
+    assert (second.resumed_from, second.steps) == (4, 8)
+    log = history(second)
+    assert [h["step"] for h in log] == [1, 2, 3, 4, 5, 6, 7, 8]
+    check_lisa(log, schedule)  # step 5 finishes interval 1 with its restored state, then 2 begins
+    state_mb = [h["optimizer_state_mb"] for h in log]
+    assert max(state_mb) < 1.2 * min(state_mb)
+    manifest = list_checkpoints(second.run_uri, S3Options())[-1].manifest
+    assert (manifest["method"], manifest["zero_stage"], manifest["world_size"]) == ("lisa", 2, 2)
+
+
+def load_state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
