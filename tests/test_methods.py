@@ -98,6 +98,31 @@ def test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling(ray
     assert (manifest["method"], manifest["zero_stage"], manifest["world_size"]) == ("lisa", 2, 2)
 
 
+def test_qlora_trains_a_4bit_base_exports_and_merges(ray_local, six_blocks, orders, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmflow_ray.model.adapters import merge_adapter
+
+    result = run(recipe(six_blocks, orders, tmp_path, "use_qlora=true", "quant_bit=4", "lora_r=8", "learning_rate=3e-3",
+                        "gradient_checkpointing=true", "max_steps=8", "save_steps=8"))
+    manifest = list_checkpoints(result.run_uri, S3Options())[-1].manifest
+    assert (manifest["method"], manifest["quantized_layers"]) == ("qlora", 6 * 7)  # q k v o gate up down per block
+    log = history(result)
+    assert sum(h["loss"] for h in log[-3:]) < sum(h["loss"] for h in log[:3])
+    adapter = Path(local_model_folder(result.run_uri, tmp_path / "adapter", S3Options()))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in adapter.iterdir()}
+
+    merged = merge_adapter(adapter, tmp_path / "merged")
+    ids = torch.tensor([[5, 17, 42, 99, 7, 64]])
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(six_blocks), adapter).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(six_blocks).eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapter changed the model
+
+
 def load_state(folder):
     from safetensors.torch import load_file
 

@@ -82,6 +82,7 @@ def train_loop(config: dict[str, Any]) -> None:
         fs, path = storage.filesystem(latest.uri, s3)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
+    state["quantized_layers"] = quantized_layers(model)
     peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
     meter = Meter()
@@ -246,7 +247,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
             storage.write_manifest(folder, files, {
                 "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
                 "method": recipe.method, "base_model": recipe.model.model_name_or_path,
-                "export": storage.EXPORT_DIR})
+                "export": storage.EXPORT_DIR, "quantized_layers": state["quantized_layers"]})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=storage.checkpoint_name(step))
         if tb is not None:
@@ -262,6 +263,12 @@ def export(module: Any, weights: dict | None, tokenizer: Any, folder: str) -> No
     tokenizer.save_pretrained(folder)
     if hasattr(module, "peft_config") and getattr(module.config, ROPE_MARK, None):
         module.config.save_pretrained(folder)
+
+
+def quantized_layers(model: Any) -> int:
+    """Linear layers bitsandbytes holds in 4 or 8 bits (QLoRA's base)."""
+    return sum(1 for m in model.modules()
+               if type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
 
 
 def method_label(recipe: Recipe) -> str:
