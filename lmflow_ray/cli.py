@@ -1,6 +1,7 @@
 """`lmflow-ray <verb> [RECIPE.yaml] [key=value | --key value ...]`.
 
-Verbs so far: train, eval, merge, serve, chat, demo, data (validate / preview / stats), model (prepare-default), recipe
+Verbs so far: train, eval, merge, serve, chat, demo, data (validate / preview / stats), model (prepare-default),
+vocab (extend), recipe
 (show the merged recipe). Bad input prints one line per problem and exits with 2, never a traceback.
 """
 
@@ -241,6 +242,26 @@ def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+def cmd_vocab_extend(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.config import StorageSection
+    from lmflow_ray.model.vocab import extend_vocabulary, read_texts
+    from lmflow_ray.storage import S3Options
+
+    if extras:
+        raise UserError(f"vocab extend: unexpected arguments {' '.join(extras)}")
+    s3 = S3Options.resolve(StorageSection(endpoint_url=args.endpoint_url))
+    texts = read_texts(args.dataset_path, s3)
+    report = extend_vocabulary(args.model_name_or_path, texts, args.vocab_size, args.output_model_path,
+                               min_frequency=args.min_frequency)
+    saved = 1 - report.tokens_after / max(1, report.tokens_before)
+    print(f"vocabulary {report.base_size:,} -> {report.new_size:,} (+{len(report.added):,} tokens); "
+          f"the text takes {saved:.1%} fewer tokens")
+    for e in report.examples[:5]:
+        print(f"  {e['text']!r}: {e['before']} -> {e['after']} tokens")
+    print(f"model and tokenizer written to {os.path.abspath(args.output_model_path)} (report: vocab_extension.md)")
+    return 0
+
+
 # ---- demo -------------------------------------------------------------------------------------
 
 
@@ -389,6 +410,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model_name_or_path", default=None, help="base model (default: the adapter's own base)")
     m.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     m.set_defaults(func=cmd_merge)
+
+    vocab = verbs.add_parser("vocab", help="tokenizer vocabulary", allow_abbrev=False)
+    vocab_verbs = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ve = vocab_verbs.add_parser("extend", help="learn new BPE tokens from text, add them to a model's tokenizer "
+                                "and embeddings", allow_abbrev=False)
+    ve.add_argument("--dataset_path", required=True, help="text files (one text per line) or an LMFlow dataset, local or s3://")
+    ve.add_argument("--output_model_path", "--output_dir", required=True, help="new local folder for the extended model")
+    ve.add_argument("--model_name_or_path", default="default", help="base model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ve.add_argument("--vocab_size", type=int, default=2000, help="size of the BPE learned on the text (default 2000); "
+                    "its tokens the base lacks are added")
+    ve.add_argument("--min_frequency", type=int, default=2, help="a merge must occur this often in the text (default 2)")
+    ve.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    ve.set_defaults(func=cmd_vocab_extend)
 
     e = verbs.add_parser("eval", help="score a model (folder, run, checkpoint or --url server) on a dataset: RECIPE [overrides]",
                          allow_abbrev=False)

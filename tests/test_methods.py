@@ -123,6 +123,54 @@ def test_qlora_trains_a_4bit_base_exports_and_merges(ray_local, six_blocks, orde
     assert not torch.allclose(got, base, atol=1e-3)  # the adapter changed the model
 
 
+def test_vocab_extension_then_rope_scaled_training_past_the_native_context(ray_local, orders, tmp_path, repo_python):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = save_tiny(tmp_path / "base", positions=64)  # native context: 64 positions
+    extended = tmp_path / "extended"
+    done = repo_python("-m", "lmflow_ray", "vocab", "extend", "--dataset_path", str(orders), "--model_name_or_path",
+                       str(base), "--output_dir", str(extended), "--vocab_size", "700")
+    assert done.returncode == 0, done.stderr
+    assert "fewer tokens" in done.stdout and (extended / "vocab_extension.md").is_file()
+
+    # New tokens are reached by ordinary BPE: each encodes as its own single id.
+    old, new = AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(extended)
+    added = json.loads((extended / "vocab_extension.json").read_text())["added"]
+    assert len(added) >= 50 and len(new) == len(old) + len(added)
+    for token in added:
+        text = new.convert_tokens_to_string([token])
+        assert new(text, add_special_tokens=False).input_ids == [new.convert_tokens_to_ids(token)], token
+    # Embeddings resized; each new row is the mean of the rows of the pieces the old tokenizer made.
+    before = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(extended).get_input_embeddings().weight
+    assert after.shape[0] == len(new)
+    torch.testing.assert_close(after[: before.shape[0]], before)
+    for token in added[:20]:
+        pieces = old(new.convert_tokens_to_string([token]), add_special_tokens=False).input_ids
+        torch.testing.assert_close(after[new.convert_tokens_to_ids(token)], before[pieces].mean(0))
+
+    # Full fine-tuning of the extended model on 256-token rows with 4x linear position interpolation.
+    result = run(recipe(extended, orders, tmp_path / "runs", "rope_pi_ratio=4", "max_steps=3", "save_steps=3"))
+    assert result.steps == 3
+    export = Path(local_model_folder(result.run_uri, tmp_path / "export", S3Options()))
+    config = json.loads((export / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
+    assert config["vocab_size"] == len(new)
+    tuned = AutoModelForCausalLM.from_pretrained(export).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    # Position 4k of the scaled model turns like position k of the native one: 256 positions fit in 64.
+    x = torch.zeros(1, 1, 1)
+    positions = torch.arange(0, 256, 4)[None]
+    cos_scaled, _ = tuned.model.rotary_emb(x, positions)
+    cos_native, _ = plain.model.rotary_emb(x, positions // 4)
+    torch.testing.assert_close(cos_scaled, cos_native)
+    ids = new(" ".join(["order ORD-123456 shipped"] * 40), return_tensors="pt").input_ids[:, :240]
+    assert ids.shape[1] == 240 > 64
+    with torch.no_grad():
+        logits = tuned(ids).logits
+    assert logits.shape[1] == 240 and torch.isfinite(logits).all()
+
+
 def load_state(folder):
     from safetensors.torch import load_file
 

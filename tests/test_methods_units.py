@@ -75,3 +75,62 @@ def test_recipe_combinations():
         load_recipe(None, ["use_lisa=true", "use_lora=true"])
     with pytest.raises(UserError, match="use_qlora trains LoRA adapters on a quantized base"):
         load_recipe(None, ["use_qlora=true", "use_lora=false"])
+
+
+def test_rope_scaling_linear_and_ntk_and_refusals():
+    from transformers import GPT2Config, LlamaConfig
+
+    from lmflow_ray.config import ModelSection
+    from lmflow_ray.model.load import ROPE_MARK, context_length, scale_rope
+
+    def llama():
+        return LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128)  # head_dim 16
+
+    config = llama()
+    assert scale_rope(config, ModelSection(rope_pi_ratio=2.0))
+    assert config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert (config.max_position_embeddings, context_length(config, 0)) == (128, 256)
+
+    config = llama()
+    scale_rope(config, ModelSection(rope_ntk_ratio=4.0))
+    assert config.rope_parameters["rope_type"] == "default"
+    assert config.rope_parameters["rope_theta"] == pytest.approx(10000.0 * 4.0 ** (16 / 14))
+    assert (config.max_position_embeddings, context_length(config, 0)) == (512, 512)
+
+    # An exported config carries the mark: the same request is a no-op, another one is refused.
+    saved = LlamaConfig.from_dict(config.to_dict())
+    assert getattr(saved, ROPE_MARK) == {"rope_pi_ratio": 1.0, "rope_ntk_ratio": 4.0}
+    assert not scale_rope(saved, ModelSection(rope_ntk_ratio=4.0))
+    assert saved.rope_parameters["rope_theta"] == config.rope_parameters["rope_theta"]
+    with pytest.raises(UserError, match="already scaled"):
+        scale_rope(saved, ModelSection(rope_ntk_ratio=2.0))
+    with pytest.raises(UserError, match="gpt2 has no rotary position embeddings"):
+        scale_rope(GPT2Config(), ModelSection(rope_pi_ratio=2.0))
+    assert not scale_rope(llama(), ModelSection())
+
+
+def test_flash_attention_asked_for_without_it_says_so_and_uses_sdpa():
+    from lmflow_ray.config import ModelSection
+    from lmflow_ray.model.load import attention_implementation
+
+    said = []
+    assert attention_implementation(ModelSection(use_flash_attention=True), say=said.append) == "sdpa"
+    assert len(said) == 1 and said[0].startswith("model.use_flash_attention: ") and "sdpa" in said[0]
+    assert attention_implementation(ModelSection(), say=said.append) == "sdpa" and len(said) == 1
+
+
+def test_vocabulary_merge_reaches_every_new_token_by_bpe():
+    """A learned BPE merged into a base whose merges would split the new words differently."""
+    from lmflow_ray.model.vocab import _bpe, merge_bpe
+
+    base = {"model": {"vocab": {c: i for i, c in enumerate("abcdefg")} | {"ab": 7, "cd": 8, "bc": 9},
+                      "merges": [["a", "b"], ["c", "d"], ["b", "c"]]}, "added_tokens": [{"id": 20, "content": "<s>"}]}
+    learned = {"model": {"merges": [["b", "c"], ["a", "bc"], ["abc", "d"], ["é", "g"]]}}
+    added = merge_bpe(base, learned)
+    vocab, merges = base["model"]["vocab"], base["model"]["merges"]
+    assert min(vocab[t] for t in added) == 21  # after every existing id, special tokens included
+    ranks = {tuple(m): i for i, m in enumerate(merges)}
+    for word in ("abc", "abcd", "ég"):  # base BPE makes ab+c and ab+cd; é was not even a token
+        assert _bpe(word, ranks) == [word], word
+        assert word in vocab
+    assert merges[:3] == [["a", "b"], ["c", "d"], ["b", "c"]]  # the base's own merges keep their ranks
