@@ -1,5 +1,7 @@
 """The typed recipe: YAML + overrides + LMFlow flags; errors name the file, line and key."""
 
+from pathlib import Path
+
 import pytest
 
 from lmflow_ray.config import FIELD_SECTION, SECTIONS, load_recipe, parse_overrides
@@ -75,3 +77,18 @@ def test_cli_recipe_prints_the_merged_recipe_and_fails_cleanly(repo_python):
     bad = repo_python("-m", "lmflow_ray.cli", "recipe", "jobs/demo_lora.yaml", "lora_alpah=3")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "error: override 'lora_alpah=3': lora_alpah: unknown key; did you mean model.lora_alpha?"
+
+
+def test_every_shipped_recipe_loads_and_its_method_can_run():
+    from lmflow_ray.train.trainer import check_method
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
+    assert len(recipes) >= 7
+    methods = set()
+    for path in recipes:
+        if path.name == "runtime_env.yaml":
+            continue
+        recipe = load_recipe(path)
+        check_method(recipe, recipe.train.num_workers)
+        methods.add(recipe.method)
+    assert methods == {"full", "lora", "qlora", "lisa"}

@@ -116,7 +116,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
         if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done:
             continue
-        metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world, memory.take())
+        metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world, memory.take(),
+                                 strategy.optimizer_bytes())
         if watch is not None:
             metrics.update(lisa_metrics(watch, strategy, lisa, world))
         meter.reset()
@@ -173,12 +174,12 @@ def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Ten
 
 
 def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int,
-                   memory: float) -> dict[str, float]:
+                   memory: float, optimizer_bytes: float) -> dict[str, float]:
     """Sums over every rank: loss, tokens and FLOPs since the last logging step; the highest
-    worker's memory peak."""
+    worker's memory peak and optimizer state."""
     elapsed = meter.elapsed()
     totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops, peak], dtype=torch.float64)
-    highest = torch.tensor([memory], dtype=torch.float64)
+    highest = torch.tensor([memory, optimizer_bytes], dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
@@ -194,16 +195,16 @@ def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: fl
         "step_time": elapsed / max(1, meter.steps),
         "flops_per_s": flops / elapsed,
         "mfu": flops / elapsed / peaks if peaks else 0.0,
-        "peak_memory_mb": highest.item() / 2**20,
+        "peak_memory_mb": highest[0].item() / 2**20,
+        "optimizer_state_mb": highest[1].item() / 2**20,
     }
 
 
 def lisa_metrics(watch: BlockWatch, strategy, lisa: Lisa, world: int) -> dict[str, Any]:
     """Per rank: the blocks sampled, the blocks whose weights changed since the last logging step
-    and the blocks the optimizer holds state for, plus its bytes. Ranks that disagree on the
-    sample stop the run (they would silently train different models)."""
-    mine = {"layers": list(lisa.active), "updated": watch.changed(), "state": strategy.state_blocks(),
-            "optimizer_mb": strategy.optimizer_bytes() / 2**20}
+    and the blocks the optimizer holds state for. Ranks that disagree on the sample stop the run
+    (they would silently train different models)."""
+    mine = {"layers": list(lisa.active), "updated": watch.changed(), "state": strategy.state_blocks()}
     everyone = [mine]
     if world > 1:
         everyone = [None] * world
@@ -211,8 +212,7 @@ def lisa_metrics(watch: BlockWatch, strategy, lisa: Lisa, world: int) -> dict[st
     if any(r["layers"] != mine["layers"] for r in everyone):
         raise RuntimeError(f"LISA: ranks sampled different blocks: {[r['layers'] for r in everyone]}")
     return {"lisa_layers": mine["layers"], "lisa_updated_layers": [r["updated"] for r in everyone],
-            "lisa_state_layers": [r["state"] for r in everyone],
-            "optimizer_state_mb": max(r["optimizer_mb"] for r in everyone)}
+            "lisa_state_layers": [r["state"] for r in everyone]}
 
 
 def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict, metrics: dict, rank: int,
