@@ -7,10 +7,12 @@ SmolLM2-135M-Instruct, with one Ray Train worker and with two, on the shipped su
 
 Every run is a real `lmflow-ray train` (recipe jobs/finetune_lora.yaml, plain DDP so the methods
 are compared without ZeRO's partitioning, plus ZeRO-2 rows for full and LISA with two workers),
-batch 1 per worker, fp32. Peak memory is the highest worker's: on CPU its resident set sampled
-every 20 ms during the training steps (model weights, gradients, optimizer state, activations and
-the Python/torch/Ray process itself), on a GPU torch's allocator peak. Optimizer state is counted
-exactly from the optimizer's tensors. Step time is the median after the first step. Writes JSON
+batch 1 per worker, fp32. Peak memory is the highest worker's during the training steps: on a GPU
+torch's allocator peak; on CPU the worker's resident size sampled every 20 ms (weights, gradients,
+optimizer state, activations, and the Python/torch/Ray process itself, about 0.4 GB). So that the
+resident size follows what is in use, the workers run with glibc's static allocator thresholds
+(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 128 KiB): freed tensors go back to the system
+instead of staying in the heap. Optimizer state is counted exactly from the optimizer's tensors. Step time is the median after the first step. Writes JSON
 and a Markdown table next to it.
 """
 
@@ -95,6 +97,7 @@ def main() -> None:
 
     from lmflow_ray.ray_init import connect, quiet_data_logs
 
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")  # inherited by the workers
     connect(num_cpus=4)
     quiet_data_logs()
     out_dir = tempfile.mkdtemp(prefix="bench-memory-")

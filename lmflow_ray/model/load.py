@@ -118,13 +118,28 @@ def load_model(section: ModelSection, dtype: str = "float32", device: Any = None
         extra: dict[str, Any] = {}
         if section.use_qlora:
             extra = {"quantization_config": quantization_config(section, device), "device_map": {"": device or "cpu"}}
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=getattr(torch, dtype), trust_remote_code=section.trust_remote_code,
             attn_implementation=attention_implementation(section), **extra,
         )
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"model.model_name_or_path: cannot load a model from {section.model_name_or_path!r} ({first})") from None
+    if section.use_qlora:
+        _own_memory(model)
+    return model
+
+
+def _own_memory(model: Any) -> None:
+    """Copies a quantized model's remaining full-precision CPU tensors (embeddings, norms) out of
+    the checkpoint file's memory map: while any of them views it, the whole fp32 file stays
+    mapped, and resident once quantization has read it."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.dtype.is_floating_point:
+                tensor.data = tensor.data.clone()
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:

@@ -59,8 +59,10 @@ class Meter:
 
 
 class MemoryPeak:
-    """The highest memory this worker used since the last ``take``: CUDA's allocator peak on a GPU;
-    on CPU the process's resident size, sampled every 20 ms by a daemon thread."""
+    """The highest memory this worker used since the last ``take``: torch's allocator peak on a
+    GPU; on CPU the process's resident size (what `top` and the OOM killer see), sampled every
+    20 ms by a daemon thread. The resident size also keeps memory freed back to glibc's allocator
+    until it trims; benchmarks/memory_methods.py runs workers with settings that return it."""
 
     def __init__(self, device: Any, every: float = 0.02) -> None:
         import threading

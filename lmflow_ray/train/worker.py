@@ -195,7 +195,7 @@ def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: fl
         "step_time": elapsed / max(1, meter.steps),
         "flops_per_s": flops / elapsed,
         "mfu": flops / elapsed / peaks if peaks else 0.0,
-        "peak_memory_mb": highest[0].item() / 2**20,
+        "peak_memory_mb": highest[0].item() / 2**20,  # CUDA allocator peak, or resident size on CPU
         "optimizer_state_mb": highest[1].item() / 2**20,
     }
 
