@@ -9,7 +9,7 @@ Every run is a real `lmflow-ray train` (recipe jobs/finetune_lora.yaml, plain DD
 are compared without ZeRO's partitioning, plus ZeRO-2 rows for full and LISA with two workers),
 batch 1 per worker, fp32. Peak memory is the highest worker's during the training steps: on a GPU
 torch's allocator peak; on CPU the worker's resident size sampled every 20 ms (weights, gradients,
-optimizer state, activations, and the Python/torch/Ray process itself, about 0.4 GB). So that the
+optimizer state, activations, and the Python/torch/Ray process itself). So that the
 resident size follows what is in use, the workers run with glibc's static allocator thresholds
 (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ = 128 KiB): freed tensors go back to the system
 instead of staying in the heap. Optimizer state is counted exactly from the optimizer's tensors. Step time is the median after the first step. Writes JSON

@@ -46,14 +46,31 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama + tokenizer (ChatML template) that Ray workers can load by path."""
-    from tiny import tiny_llama, tiny_tokenizer
+    from tiny import save_tiny
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    chatml = (Path(__file__).parent / "fixtures" / "chat_templates" / "chatml.jinja").read_text()
-    tok = tiny_tokenizer(chat_template=chatml)
-    tok.save_pretrained(folder)
-    tiny_llama(len(tok)).save_pretrained(folder)
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def orders(tmp_path_factory):
+    """240 support e-mails from the shipped task: small enough for quick steps on tiny models."""
+    import json
+
+    folder = tmp_path_factory.mktemp("orders")
+    data = json.loads((REPO / "jobs" / "data" / "support_orders" / "train" / "train.json").read_text())
+    (folder / "orders.json").write_text(json.dumps({"type": "conversation", "instances": data["instances"][:240]}))
     return folder
+
+
+def trainer_state(checkpoint, s3):
+    """trainer_state.json of a checkpoint (local or s3://)."""
+    import json
+
+    from lmflow_ray.storage import filesystem, join
+
+    fs, path = filesystem(join(checkpoint.uri, "trainer_state.json"), s3)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
 
 
 @pytest.fixture

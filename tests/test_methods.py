@@ -11,35 +11,19 @@ import torch
 
 from lmflow_ray.config import load_recipe
 from lmflow_ray.model.lisa import LisaSchedule
-from lmflow_ray.storage import S3Options, filesystem, join, list_checkpoints, local_model_folder
+from lmflow_ray.storage import S3Options, list_checkpoints, local_model_folder
 from lmflow_ray.train.trainer import run
 
+from conftest import trainer_state
+
 pytestmark = pytest.mark.slow
-
-ORDERS = Path(__file__).resolve().parent.parent / "jobs" / "data" / "support_orders" / "train" / "train.json"
-CHATML = Path(__file__).resolve().parent / "fixtures" / "chat_templates" / "chatml.jinja"
-
-
-@pytest.fixture(scope="module")
-def orders(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("orders")
-    data = json.loads(ORDERS.read_text())
-    (folder / "orders.json").write_text(json.dumps({"type": "conversation", "instances": data["instances"][:160]}))
-    return folder
-
-
-def save_tiny(folder, **shape):
-    from tiny import tiny_llama, tiny_tokenizer
-
-    tok = tiny_tokenizer(chat_template=CHATML.read_text())
-    tok.save_pretrained(folder)
-    tiny_llama(len(tok), **shape).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def six_blocks(tmp_path_factory):
     """A tiny Llama with 6 decoder blocks (hidden 64, so bitsandbytes can quantize it too)."""
+    from tiny import save_tiny
+
     return save_tiny(tmp_path_factory.mktemp("six-blocks"), layers=6, hidden=64)
 
 
@@ -51,10 +35,7 @@ def recipe(model, orders, output, *overrides):
 
 
 def history(result):
-    checkpoint = list_checkpoints(result.run_uri, S3Options())[-1]
-    fs, path = filesystem(join(checkpoint.uri, "trainer_state.json"), S3Options())
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())["log_history"]
+    return trainer_state(list_checkpoints(result.run_uri, S3Options())[-1], S3Options())["log_history"]
 
 
 def check_lisa(log, schedule):
@@ -126,6 +107,8 @@ def test_qlora_trains_a_4bit_base_exports_and_merges(ray_local, six_blocks, orde
 def test_vocab_extension_then_rope_scaled_training_past_the_native_context(ray_local, orders, tmp_path, repo_python):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tiny import save_tiny
+
     base = save_tiny(tmp_path / "base", positions=64)  # native context: 64 positions
     extended = tmp_path / "extended"
     done = repo_python("-m", "lmflow_ray", "vocab", "extend", "--dataset_path", str(orders), "--model_name_or_path",
@@ -170,8 +153,3 @@ def test_vocab_extension_then_rope_scaled_training_past_the_native_context(ray_l
         logits = tuned(ids).logits
     assert logits.shape[1] == 240 and torch.isfinite(logits).all()
 
-
-def load_state(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "model.safetensors"))

@@ -1,12 +1,10 @@
 """Training end to end on the session's real Ray cluster and the real SeaweedFS S3 server:
 LoRA + ZeRO-2 resume/export/merge, full + ZeRO-3 offload resume, a killed worker, ray job submit."""
 
-import json
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -17,19 +15,9 @@ from lmflow_ray.errors import UserError
 from lmflow_ray.storage import S3Options, filesystem, join, list_checkpoints, local_model_folder
 from lmflow_ray.train.trainer import prepare, run
 
+from conftest import trainer_state
+
 pytestmark = pytest.mark.slow
-
-ORDERS = Path(__file__).resolve().parent.parent / "jobs" / "data" / "support_orders" / "train" / "train.json"
-
-
-@pytest.fixture(scope="module")
-def orders(tmp_path_factory):
-    """240 support e-mails from the shipped task: small enough for quick steps on the tiny model."""
-    folder = tmp_path_factory.mktemp("orders")
-    data = json.loads(ORDERS.read_text())
-    (folder / "orders.json").write_text(json.dumps({"type": "conversation", "instances": data["instances"][:240]}))
-    return folder
-
 
 def recipe(tiny_model_dir, orders, output, *overrides):
     return load_recipe(None, [f"model_name_or_path={tiny_model_dir}", f"dataset_path={orders}",
@@ -41,12 +29,6 @@ def recipe(tiny_model_dir, orders, output, *overrides):
 def s3_keys(server):
     return [f"endpoint_url={server.endpoint}", f"aws_access_key_id={server.access_key}",
             f"aws_secret_access_key={server.secret_key}"]
-
-
-def trainer_state(checkpoint, s3):
-    fs, path = filesystem(join(checkpoint.uri, "trainer_state.json"), s3)
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
 
 
 def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_model_dir, orders, tmp_path, repo_python):

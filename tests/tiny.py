@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 SPECIAL = [
     "<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -62,3 +63,15 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).eval()
+
+
+CHATML_FILE = Path(__file__).parent / "fixtures" / "chat_templates" / "chatml.jinja"
+
+
+def save_tiny(folder, **shape):
+    """A tiny Llama (``shape``: tiny_llama's layers / hidden / positions) and its ChatML tokenizer,
+    saved where Ray workers can load them by path."""
+    tok = tiny_tokenizer(chat_template=CHATML_FILE.read_text())
+    tok.save_pretrained(folder)
+    tiny_llama(len(tok), **shape).save_pretrained(folder)
+    return folder

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -223,7 +223,7 @@ def extend_vocabulary(model_name_or_path: str, texts: list[str], vocab_size: int
         extended.save_pretrained(tmp)
 
         report = _report(tokenizer, extended, texts, added)
-        (tmp / "vocab_extension.json").write_text(json.dumps({**report.__dict__, "added": added}, ensure_ascii=False, indent=1))
+        (tmp / "vocab_extension.json").write_text(json.dumps(asdict(report), ensure_ascii=False, indent=1))
         (tmp / "vocab_extension.md").write_text(report.markdown(model_name_or_path, str(output)), encoding="utf-8")
         storage.swap_in(str(tmp), str(output))
     except BaseException:

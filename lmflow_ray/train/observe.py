@@ -97,20 +97,18 @@ class BlockWatch:
     """Which decoder blocks' weights changed between two looks (a sum of squares per block), the
     direct evidence of which blocks LISA trained."""
 
-    def __init__(self, model: Any, lisa: Any) -> None:
-        self.model, self.lisa = model, lisa
+    def __init__(self, lisa: Any) -> None:
+        self.blocks = lisa.blocks
         self.last = self._sums()
 
     def _sums(self) -> list[float]:
+        """One float64 sum of squares per block, read back in one transfer."""
         import torch
 
-        sums = [0.0] * len(self.lisa.blocks)
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                index = self.lisa.block_of.get(name)
-                if index is not None:
-                    sums[index] += float(p.detach().double().pow(2).sum())
-        return sums
+            sums = [torch.stack([p.pow(2).sum(dtype=torch.float64) for p in block.parameters()]).sum()
+                    for block in self.blocks]
+            return torch.stack(sums).tolist()
 
     def changed(self) -> list[int]:
         now = self._sums()

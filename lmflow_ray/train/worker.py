@@ -82,20 +82,19 @@ def train_loop(config: dict[str, Any]) -> None:
         fs, path = storage.filesystem(latest.uri, s3)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
-    state["quantized_layers"] = quantized_layers(model)
     peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
     meter = Meter()
     memory = MemoryPeak(device)
-    watch = BlockWatch(strategy.module, lisa) if lisa is not None else None
+    watch = BlockWatch(lisa) if lisa is not None else None
     pad_to = None if recipe.data.packing else recipe.data.block_size
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     strategy.module.train()
 
     # The loop.
     for step, micro_batches in steps(shard, plan, state["step"], recipe.train.seed):
-        if lisa is not None and lisa.schedule.layers_at(step) != lisa.active:
-            strategy.switch(lisa.schedule.layers_at(step))
+        if lisa is not None and (layers := lisa.schedule.layers_at(step)) != lisa.active:
+            strategy.switch(layers)
         for batch in micro_batches:
             inputs = to_device(collate_columns(batch, tokenizer.pad_token_id, pad_to), device)
             trained = int((inputs["labels"] != IGNORE_INDEX).sum())
@@ -247,7 +246,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
             storage.write_manifest(folder, files, {
                 "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
                 "method": recipe.method, "base_model": recipe.model.model_name_or_path,
-                "export": storage.EXPORT_DIR, "quantized_layers": state["quantized_layers"]})
+                "export": storage.EXPORT_DIR, "quantized_layers": quantized_layers(strategy.module)})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=storage.checkpoint_name(step))
         if tb is not None:
