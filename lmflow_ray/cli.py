@@ -458,8 +458,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(err: UserError) -> None:
-    """Dataset problems already start with file:line; other errors get an `error:` prefix."""
-    print(str(err) if isinstance(err, DataError) else f"error: {err}", file=sys.stderr)
+    """Dataset problems already start with file:line; other errors get an `error:` prefix. Any
+    credential this process holds is blanked out of what is printed."""
+    from lmflow_ray.credentials import redact
+
+    print(redact(str(err) if isinstance(err, DataError) else f"error: {err}"), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,8 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         user_error = unwrap_user_error(err)
-        if user_error is None:
-            raise
+        if user_error is None:  # a bug or a failure of ours: the traceback, credentials blanked out
+            import traceback
+
+            from lmflow_ray.credentials import redact
+
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+            return 1
         _report(user_error)
         return user_error.exit_code
 

@@ -8,16 +8,33 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator,
+                      model_validator)
 
+from lmflow_ray.credentials import Secret, secret
 from lmflow_ray.errors import UserError
+from lmflow_ray.storage import is_run_name
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _to_secret(value: Any) -> Secret | None:
+    if value is None or isinstance(value, Secret):
+        return value
+    if isinstance(value, str):
+        return secret(value)
+    raise ValueError("must be a string (quote it in YAML)")  # never echo the value
+
+
+# A credential: a Secret in Python (it travels through Ray as a reference), never written out: JSON
+# and YAML dumps (recipe.yaml, `lmflow-ray recipe`, Serve configs) carry null.
+SecretField = Annotated[Any, BeforeValidator(_to_secret), PlainSerializer(lambda _: None, when_used="json")]
+SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "api_key")
 
 
 def _comma_list(value: Any) -> Any:
@@ -107,11 +124,31 @@ class TrainSection(_Section):
 class StorageSection(_Section):
     output_model_path: str = Field("output_models/finetune", description="local folder or s3://bucket/prefix")
     run_name: str | None = Field(None, description="empty = a unique name per run; reuse a name to resume")
-    endpoint_url: str | None = None
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: str | None = None
+    endpoint_url: str | None = Field(None, description="S3 endpoint with its scheme: http://host:port or https://host")
+    aws_access_key_id: SecretField = None
+    aws_secret_access_key: SecretField = None
     region: str | None = None
     save_total_limit: int | None = Field(None, ge=1)
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder(cls, value: str | None) -> str | None:
+        if value is not None and not is_run_name(value):
+            raise ValueError("must be one folder name: letters, digits, '.', '_' and '-' (up to 128), starting "
+                             "with a letter or digit; it names <output_model_path>/<run_name>/")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        return check_endpoint(value) if value else value
+
+
+def check_endpoint(url: str) -> str:
+    """An endpoint without a scheme would silently mean plain http: ask for it."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} has no scheme; write https://{url} (or http:// for a plain-text local server)")
+    return url
 
 
 class ServeSection(_Section):
@@ -125,8 +162,17 @@ class ServeSection(_Section):
     target_ongoing_requests: float = Field(2.0, gt=0)
     max_ongoing_requests: int = Field(8, ge=1, description="per replica; more at once get 503 + Retry-After")
     num_cpus_per_replica: float = Field(1.0, gt=0)
-    api_key: str | None = Field(None, description="Bearer key clients must send; empty = LMFLOW_RAY_API_KEY, if set")
-    max_new_tokens: int = Field(256, ge=1, description="the cap on max_tokens per request")
+    api_key: SecretField = Field(None, description="Bearer key clients must send; empty = LMFLOW_RAY_API_KEY, if set")
+    max_new_tokens: int = Field(256, ge=1, description="the cap on max_tokens per request (both engines)")
+    max_n: int = Field(1, ge=1, description="the cap on n, choices per request (the transformers engine makes one)")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_stop_chars: int = Field(256, ge=1, description="the longest stop string accepted")
+    cors_allow_origins: list[str] | None = Field(None, description="origins allowed to call the API from a browser; empty = none (CORS off)")
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        return _comma_list(value)
     max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
     vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
 
@@ -338,6 +384,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         for f in fields
     }
     for key, value, written in parse_overrides(overrides or []):
+        if any(word in key.lower() for word in ("key", "secret", "token", "password")):
+            written = f"{key}=***"  # an error names the override, never a credential's value
         section, name = canonical_key(key, f"override '{written}'")
         nested[section][name] = value
         origin[(section, name)] = f"override '{written}'"
@@ -355,11 +403,17 @@ def _explain(err: ValidationError, origin: dict[tuple[str, str], str], where: st
         key = ".".join(loc)
         place = origin.get((loc[0], loc[1]), where) if len(loc) >= 2 else where
         got = e.get("input")
-        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        shown = f" (got {got!r})" if not isinstance(got, dict) and not set(loc) & set(SECRET_FIELDS) else ""
         msg = e["msg"].removeprefix("Value error, ")
         out.append(f"{place}: {key + ': ' if key else ''}{msg}{shown}")
     return "\n".join(out)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The recipe as YAML, credentials left out (null), with a note saying which were set."""
+    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    held = [f"{section}.{name}" for section in ("storage", "serve") for name in SECRET_FIELDS
+            if getattr(getattr(recipe, section), name, None) is not None]
+    if held:
+        text = f"# left out (credentials are never written): {', '.join(held)}\n" + text
+    return text

@@ -9,6 +9,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class StorageError(UserError):
+    """Object storage kept failing (after retries) or refused: the command stops, nothing is deleted."""
+
+    exit_code = 3
+
+
 class DataError(UserError):
     """One or more problems in a dataset, each already formatted as ``file:line: field: problem``."""
 

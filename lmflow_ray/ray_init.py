@@ -27,18 +27,21 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from lmflow_ray.credentials import publish_pending
+
     kwargs = dict(runtime_env=_runtime_env(), log_to_driver=False, logging_level="ERROR")
     if address:
         ray.init(address=address, **kwargs)
-        return
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        object_store_memory=int(min(2 << 30, total * 0.15)),
-        **kwargs,
-    )
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            object_store_memory=int(min(2 << 30, total * 0.15)),
+            **kwargs,
+        )
+    publish_pending()  # credentials read before Ray started (a Serve app built first) reach the cluster
 
 
 def _runtime_env() -> dict | None:

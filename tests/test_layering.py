@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmflow_ray"
 # recipe -> data -> model -> train -> storage -> serve / eval, with the CLI on top. storage.py is
 # low because data reads s3:// too; it imports nothing of ours but errors.
 LAYERS = {
-    "errors": 0, "config": 1, "storage": 1, "embedded": 1, "ray_init": 1,
+    "errors": 0, "credentials": 0, "config": 1, "lease": 1, "storage": 1, "embedded": 1, "ray_init": 1,
     "data": 2, "model": 3, "train": 4, "serve": 5, "eval": 5, "cli": 6, "demo": 6, "__main__": 7,
 }
 

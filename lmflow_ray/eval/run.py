@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from lmflow_ray.model.locate import display_name, exact_uri, local_folder, split
 CHOICE_TYPES = ("multiple_choice", "binary_choice", "pubmedqa")
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
 MAX_PROBLEMS = 20
+EVAL_OUTPUT = "eval"  # the kind of output folder eval writes (storage.put_output)
 
 
 @dataclass
@@ -105,6 +105,8 @@ def preflight(recipe: Recipe) -> None:
     """The checks that need no cluster: the dataset opens, its type suits the metrics and the
     model source, and the model is where the recipe says."""
     check_request(recipe, open_eval_dataset(recipe).kind, endpoint=bool(recipe.eval.server_url))
+    if recipe.eval.eval_output_dir:
+        storage.check_output(recipe.eval.eval_output_dir, EVAL_OUTPUT, storage.S3Options.resolve(recipe.storage))
     if not recipe.eval.server_url:
         exact_uri(recipe.model.model_name_or_path, storage.S3Options.resolve(recipe.storage).to_dict(), "model.model_name_or_path")
 
@@ -323,12 +325,11 @@ def benchmark_log(result: EvalResult) -> str:
 
 def write_outputs(result: EvalResult, s3: dict | None) -> None:
     """results.json, results.md, benchmark.log and predictions.jsonl, written to a temporary
-    folder and moved (or uploaded) only when complete."""
+    folder and put in place (renamed, or uploaded) only when complete. The target must be new, or
+    an earlier eval output: a folder with anything else in it is refused, never replaced."""
     target = result.output
-    parent = os.path.dirname(os.path.abspath(target)) if not storage.is_remote(target) else None
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".eval-", dir=parent)
+    storage.check_output(target, EVAL_OUTPUT, s3)
+    tmp = storage.new_output_dir(target)
     try:
         summary = {k: v for k, v in asdict(result).items() if k != "predictions"}
         with open(os.path.join(tmp, "results.json"), "w") as f:
@@ -341,11 +342,7 @@ def write_outputs(result: EvalResult, s3: dict | None) -> None:
         with open(os.path.join(tmp, "predictions.jsonl"), "w") as f:
             for rec in result.predictions:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        if parent:
-            storage.swap_in(tmp, target)
-        else:
-            storage.remove(target, s3)
-            storage.upload(tmp, target, s3)
+        storage.put_output(tmp, target, EVAL_OUTPUT, s3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -432,6 +429,8 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None 
                           batch_size=section.inference_batch_size_per_device, torch_dtype=recipe.model.torch_dtype,
                           trust_remote_code=recipe.model.trust_remote_code)
         resources = dict(num_cpus=cpus, num_gpus=gpus)
+    output = section.eval_output_dir or _default_output(recipe, name)
+    storage.check_output(output, EVAL_OUTPUT, s3)  # refused before the scoring, not after
     say(f"eval: {len(rows)} {'windows' if kind == 'text_only' else 'instances'} of {dataset_uri(recipe)} "
         f"with {shown}, {workers} worker(s)")
     # One block per batch: a block split into a batch and a remainder would run two short batches.
@@ -443,7 +442,7 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None 
     result = EvalResult(
         model=shown, dataset=dataset_uri(recipe), kind=kind, answer_type=section.answer_type, metrics=values,
         count=len(records), correct=correct, tokens=tokens, seconds=round(time.time() - started, 1), workers=workers,
-        output=section.eval_output_dir or _default_output(recipe, name), predictions=records,
+        output=output, predictions=records,
     )
     write_outputs(result, s3)
     return result

@@ -70,11 +70,14 @@ def load_with_adapter(base: str, adapter_folder: str | os.PathLike) -> Any:
     return PeftModel.from_pretrained(load_model(section), os.fspath(adapter_folder))
 
 
+MODEL_OUTPUT = "model"  # the kind of output folder merge and vocab extend write (storage.put_output)
+
+
 def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None) -> str:
     """Base + adapter -> one standalone model folder (weights, config, tokenizer), written aside and
-    swapped in when complete (an existing folder there is replaced)."""
+    put in place when complete. ``output`` must be new or an earlier model output of ours: a run,
+    the adapter itself or any other folder with content is refused before any work."""
     import shutil
-    import tempfile
 
     from transformers import AutoTokenizer
 
@@ -86,18 +89,15 @@ def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, 
     base = base or adapter_base(adapter_folder)
     if not base:
         raise UserError(f"{adapter_folder}/adapter_config.json: no base_model_name_or_path; pass --model_name_or_path")
+    output = os.path.abspath(output)
+    storage.check_output(output, MODEL_OUTPUT)
     merged = load_with_adapter(base, adapter_folder).merge_and_unload()
     tok_source = adapter_folder if has_tokenizer(adapter_folder) else resolve_model_path(base)
-    output = os.path.abspath(output)
-    if os.path.isfile(output):
-        raise UserError(f"{output}: is a file; --output_model_path names a folder")
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".merge-", dir=os.path.dirname(output))
+    tmp = storage.new_output_dir(output)
     try:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
-        storage.swap_in(tmp, output)
-    except BaseException:
+        storage.put_output(tmp, output, MODEL_OUTPUT)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -60,7 +60,7 @@ def split_adapter(uri: str, s3: dict | None) -> tuple[str, str | None]:
     return exact_uri(base, s3, f"{uri}/adapter_config.json: base_model_name_or_path"), uri
 
 
-def _fingerprint(uri: str, s3: dict | None) -> str:
+def fingerprint(uri: str, s3: dict | None) -> str:
     """Names the cached copy by the URI and what is there now (paths, sizes, times): new content
     under the same URI is downloaded again, never used stale."""
     import pyarrow.fs as pafs
@@ -71,23 +71,31 @@ def _fingerprint(uri: str, s3: dict | None) -> str:
 
 
 def local_folder(uri: str, s3: dict | None) -> str:
-    """A local folder for an exact URI; remote ones are downloaded once into the cache (atomically,
-    so a download cut short is never taken for a model)."""
+    """A local folder for an exact URI; remote ones are downloaded once into the cache. Replicas on
+    one node take turns (a file lock): the first downloads into its own temporary folder and renames
+    it into place, the others find it ready. A cached copy is never deleted while in use."""
+    import fcntl
+    import uuid
+
     if uri == DEFAULT_NAME:
         return resolve_model_path(uri)
     if not storage.is_remote(uri):
         return uri
-    target = cache_home() / "served" / _fingerprint(uri, s3)
+    target = cache_home() / "served" / fingerprint(uri, s3)
     if (target / _READY).exists():
         return str(target)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        storage.download(uri, tmp, s3)
-        (tmp / _READY).write_text(uri)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(f"{target.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (target / _READY).exists():
+            return str(target)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+        try:
+            storage.download(uri, tmp, s3)
+            (tmp / _READY).write_text(uri)
+            if target.exists():  # a copy cut short by a crash (no ready mark): nobody can be using it
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(target)

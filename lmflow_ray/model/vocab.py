@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from lmflow_ray.errors import UserError
+from lmflow_ray.model.adapters import MODEL_OUTPUT
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 
@@ -174,6 +174,8 @@ def extend_vocabulary(model_name_or_path: str, texts: list[str], vocab_size: int
 
     if not texts:
         raise UserError("vocab extend: --dataset_path holds no text to learn from")
+    output = Path(output).resolve()
+    storage.check_output(str(output), MODEL_OUTPUT)  # a folder with other content is refused before any work
     source = resolve_model_path(model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -193,12 +195,7 @@ def extend_vocabulary(model_name_or_path: str, texts: list[str], vocab_size: int
                         "more specific text, or a larger --vocab_size")
     say(f"adding {len(added):,} tokens; resizing the embeddings")
 
-    output = Path(output).resolve()
-    if output.is_file():
-        raise UserError(f"{output}: is a file; --output_model_path names a folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".vocab-", dir=output.parent))
-    tmp.chmod(0o755)
+    tmp = Path(storage.new_output_dir(str(output)))
     try:
         tokenizer.save_pretrained(tmp)
         (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
@@ -225,10 +222,9 @@ def extend_vocabulary(model_name_or_path: str, texts: list[str], vocab_size: int
         report = _report(tokenizer, extended, texts, added)
         (tmp / "vocab_extension.json").write_text(json.dumps(asdict(report), ensure_ascii=False, indent=1))
         (tmp / "vocab_extension.md").write_text(report.markdown(model_name_or_path, str(output)), encoding="utf-8")
-        storage.swap_in(str(tmp), str(output))
-    except BaseException:
+        storage.put_output(str(tmp), str(output), MODEL_OUTPUT)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

@@ -17,7 +17,7 @@ from lmflow_ray.config import Recipe
 from lmflow_ray.errors import UserError
 from lmflow_ray.serve import sources as model_sources
 from lmflow_ray.serve.engines import Sampling, choose_engine
-from lmflow_ray.serve.front import api_key, deployment_options, front
+from lmflow_ray.serve.front import deployment_options, front
 from lmflow_ray.serve.openai_api import (
     APIError, ChatRequest, CompletionRequest, error_body, model_card, new_id, parse, sse, usage,
 )
@@ -33,7 +33,7 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
 
     section = recipe.serve
     state: dict[str, Any] = {}
-    app = front(api_key(section), section.max_ongoing_requests, lambda: state.get("describe", dict)())
+    app = front(section, lambda: state.get("describe", dict)())
 
     @serve.deployment(name="LLMServer", **deployment_options(section))
     @serve.ingress(app)
@@ -59,9 +59,7 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
                            param="model", code="model_not_found")
 
         def _sampling(self, request: ChatRequest | CompletionRequest, prompt_len: int, prompt_field: str) -> Sampling:
-            limit, context = request.token_limit(), self.engine.context_length
-            if limit is not None and limit > self.cap:
-                raise APIError(400, f"max_tokens is {limit}, above this server's cap of {self.cap}", param="max_tokens")
+            limit, context = request.token_limit(), self.engine.context_length  # the guard enforced the cap
             room = context - prompt_len
             if room < 1 or (limit is not None and limit > room):
                 raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "

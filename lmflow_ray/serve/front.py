@@ -1,5 +1,6 @@
-"""What every engine's app shares: the API key, the admission guard, OpenAI-shaped error bodies,
-the web chat page at `/`, /health, and the replica / autoscaling options from the recipe."""
+"""What every engine's app shares: the guard (body size, API key, request limits, admission),
+OpenAI-shaped error bodies, CORS only where the recipe opens it, the web chat page at `/`, /health,
+and the replica / autoscaling options from the recipe."""
 
 import os
 from importlib import resources
@@ -8,22 +9,23 @@ from typing import Any
 from fastapi import Request
 
 from lmflow_ray.config import ServeSection
-from lmflow_ray.serve.openai_api import APIError, Guard, error_body
+from lmflow_ray.credentials import Secret, secret
+from lmflow_ray.serve.openai_api import APIError, Guard, Limits, error_body
 
 API_KEY_ENV = "LMFLOW_RAY_API_KEY"
 
 
-def api_key(section: ServeSection) -> str | None:
-    return section.api_key or os.environ.get(API_KEY_ENV) or None
+def api_key(section: ServeSection) -> Secret | None:
+    return section.api_key or secret(os.environ.get(API_KEY_ENV))
 
 
 def page() -> str:
     return resources.files("lmflow_ray.serve").joinpath("webchat.html").read_text()
 
 
-def front(key: str | None, limit: int, describe: Any, app: Any = None) -> Any:
+def front(section: ServeSection, describe: Any, app: Any = None, fill_max_tokens: bool = False) -> Any:
     """The FastAPI app (a new one, or ``app``) with the guard, error bodies in OpenAI's shape,
-    the page at `/` and /health."""
+    the page at `/` and /health. With an API key set, /health says "ok" and nothing more."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
@@ -31,7 +33,14 @@ def front(key: str | None, limit: int, describe: Any, app: Any = None) -> Any:
 
     if app is None:
         app = FastAPI(title="lmflow-ray", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=key, limit=limit)
+    key = api_key(section)
+    app.add_middleware(Guard, api_key=key, limit=section.max_ongoing_requests,
+                       limits=Limits.from_section(section, fill_max_tokens))
+    if section.cors_allow_origins:  # outside the guard: a browser's preflight carries no key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=section.cors_allow_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
@@ -54,7 +63,7 @@ def front(key: str | None, limit: int, describe: Any, app: Any = None) -> Any:
 
     @app.get("/health")
     async def _health() -> dict[str, Any]:
-        return {"status": "ok", **describe()}
+        return {"status": "ok"} if key is not None else {"status": "ok", **describe()}
 
     return app
 

@@ -1,14 +1,18 @@
-"""The OpenAI wire format: request schemas, error bodies, server-sent events, and the ASGI guards
-(API key, admission limit) that every engine's app shares."""
+"""The OpenAI wire format: request schemas, error bodies, server-sent events, and the ASGI guard
+(body size, API key, request limits, admission limit) that every engine's app shares."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lmflow_ray.credentials import Secret
 
 
 class APIError(Exception):
@@ -173,34 +177,148 @@ async def send_json(send: Any, status: int, body: dict[str, Any], headers: dict[
     await send({"type": "http.response.body", "body": raw})
 
 
-class Guard:
-    """ASGI middleware in front of the API routes (``/v1/...``):
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, enforced in front of every engine (serve section keys)."""
 
+    max_new_tokens: int = 256
+    max_n: int = 1
+    max_request_bytes: int = 1 << 20
+    max_stop_chars: int = 256
+    fill_max_tokens: bool = False  # set max_tokens to the cap when a request leaves it out (vLLM)
+
+    @classmethod
+    def from_section(cls, section: Any, fill_max_tokens: bool = False) -> "Limits":
+        return cls(section.max_new_tokens, section.max_n, section.max_request_bytes, section.max_stop_chars,
+                   fill_max_tokens)
+
+
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+OPEN_ROUTES = ("/", "/health")
+
+
+def check_limits(body: Any, limits: Limits) -> Any:
+    """A generation request's JSON checked against ``limits`` (APIError 400 for the first field
+    past one); returns the body, with max_tokens filled in when ``limits.fill_max_tokens``. Fields
+    of the wrong type are left for the engine's own validation to name."""
+    if not isinstance(body, dict):
+        return body
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_new_tokens:
+            raise APIError(400, f"{key} is {value}, above this server's cap of {limits.max_new_tokens}", param=key)
+    for key in ("n", "best_of"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_n:
+            raise APIError(400, f"{key} is {value}, above this server's cap of {limits.max_n} (serve.max_n)", param=key)
+    stops = body.get("stop")
+    for stop in [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []:
+        if isinstance(stop, str) and len(stop) > limits.max_stop_chars:
+            raise APIError(400, f"stop strings are limited to {limits.max_stop_chars} characters", param="stop")
+    if limits.fill_max_tokens and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body = {**body, "max_tokens": limits.max_new_tokens}
+    return body
+
+
+def route_of(scope: dict) -> str:
+    """The path inside the application: Ray Serve keeps the route prefix in ``path`` and also sets
+    ``root_path``, so a guard that looked at ``path`` alone would miss ``/PREFIX/v1/...``."""
+    path, root = scope.get("path", ""), scope.get("root_path", "") or ""
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")):]
+    return path or "/"
+
+
+class Guard:
+    """ASGI middleware in front of every route but the page at ``/`` and ``/health``:
+
+    * a body over ``max_request_bytes`` gets 413 (by its Content-Length, or counted as it arrives);
     * with an API key set, a request without ``Authorization: Bearer KEY`` gets 401;
+    * generation requests past the limits (max_tokens, n, stop length) get 400;
     * at most ``limit`` requests run at once in this replica; one more gets 503 with Retry-After
       at once, instead of waiting in a queue that has no bound.
-    The page at ``/`` and ``/health`` stay open, so probes and people get through.
     """
 
-    def __init__(self, app: Any, api_key: str | None, limit: int, retry_after_s: int = 1):
+    def __init__(self, app: Any, api_key: Secret | str | None, limit: int, limits: Limits | None = None,
+                 retry_after_s: int = 1):
         self.app, self.api_key, self.limit, self.retry_after_s = app, api_key, limit, retry_after_s
+        self.limits = limits or Limits()
         self.in_flight = 0
 
+    async def _key(self) -> str | None:
+        if isinstance(self.api_key, Secret):
+            return await self.api_key.reveal_async()
+        return self.api_key
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or route_of(scope) in OPEN_ROUTES:
             return await self.app(scope, receive, send)
-        if self.api_key is not None and bearer_key(scope["headers"]) != self.api_key:
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limits.max_request_bytes:
+            return await self._too_large(send)
+        key = await self._key()
+        if key is not None and not hmac.compare_digest((bearer_key(scope["headers"]) or "").encode(), key.encode()):
             return await send_json(send, 401, error_body(
                 "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
                 code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
-        if scope["method"] != "POST":
-            return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
             return await send_json(send, 503, error_body(
                 f"the server is at its limit of {self.limit} concurrent requests; retry shortly",
                 kind="server_overloaded", code="overloaded"), {"Retry-After": str(self.retry_after_s)})
         self.in_flight += 1
         try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await _read_body(receive, self.limits.max_request_bytes)
+                if body is None:
+                    return await self._too_large(send)
+                if scope["method"] == "POST" and route_of(scope) in GENERATION_ROUTES:
+                    try:
+                        checked = check_limits(json.loads(body), self.limits)
+                    except APIError as err:
+                        return await send_json(send, err.status, err.body(), err.headers)
+                    except ValueError:  # not JSON: the route's own parser answers 400
+                        checked = None
+                    if checked is not None:
+                        body = json.dumps(checked).encode()
+                scope, receive = _with_body(scope, receive, body)
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    async def _too_large(self, send: Any) -> None:
+        await send_json(send, 413, error_body(
+            f"the request body is over this server's limit of {self.limits.max_request_bytes} bytes "
+            "(serve.max_request_bytes)", code="request_too_large"))
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (the rest is never read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _with_body(scope: dict, receive: Any, body: bytes) -> tuple[dict, Any]:
+    """The request again, with ``body`` as its one message (and its Content-Length)."""
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    given = False
+
+    async def replay() -> dict:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return {**scope, "headers": headers}, replay

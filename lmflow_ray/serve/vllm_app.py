@@ -9,19 +9,45 @@ from typing import Any
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
+from lmflow_ray.credentials import Secret, reveal
 from lmflow_ray.errors import UserError
+from lmflow_ray.model.locate import fingerprint
 from lmflow_ray.serve import sources as model_sources
-from lmflow_ray.serve.front import api_key, deployment_options, front
+from lmflow_ray.serve.front import deployment_options, front
 
 ADAPTER_STAGING = "served-adapters"
+# What we serve of Ray Serve LLM's routes: no /tokenize, /detokenize, /v1/embeddings, /v1/score, ...
+ROUTES = ("models", "model_data", "completions", "chat")
 
 
-def _s3_env(s3: dict | None) -> dict[str, str]:
-    """What Ray Serve LLM's own downloads read (pyarrow / boto3 from the environment)."""
+def _s3_env(s3: dict | None) -> tuple[dict[str, str], dict[str, Any]]:
+    """What Ray Serve LLM's own downloads read (pyarrow / boto3 from the environment): the plain
+    settings for the runtime env, and the keys apart. Keys go to the replicas as Secrets, set in
+    each replica's own environment there; a runtime env is config Serve stores and shows."""
     s3 = s3 or {}
-    pairs = {"AWS_ENDPOINT_URL_S3": s3.get("endpoint_url"), "AWS_ACCESS_KEY_ID": s3.get("access_key"),
-             "AWS_SECRET_ACCESS_KEY": s3.get("secret_key"), "AWS_DEFAULT_REGION": s3.get("region") or "us-east-1"}
-    return {k: v for k, v in pairs.items() if v}
+    plain = {"AWS_ENDPOINT_URL_S3": s3.get("endpoint_url"), "AWS_DEFAULT_REGION": s3.get("region") or "us-east-1"}
+    keys = {"AWS_ACCESS_KEY_ID": s3.get("access_key"), "AWS_SECRET_ACCESS_KEY": s3.get("secret_key")}
+    return {k: v for k, v in plain.items() if v}, {k: v for k, v in keys.items() if v}
+
+
+def _with_credentials(base: type) -> type:
+    """``base`` whose constructor first puts the given credentials into its process's environment."""
+    import inspect
+
+    if inspect.iscoroutinefunction(base.__init__):
+        class WithCredentials(base):
+            async def __init__(self, *args: Any, credentials: dict | None = None, **kwargs: Any) -> None:
+                for name, value in (credentials or {}).items():
+                    os.environ[name] = await value.reveal_async() if isinstance(value, Secret) else value
+                await super().__init__(*args, **kwargs)
+    else:
+        class WithCredentials(base):  # type: ignore[no-redef]
+            def __init__(self, *args: Any, credentials: dict | None = None, **kwargs: Any) -> None:
+                for name, value in (credentials or {}).items():
+                    os.environ[name] = reveal(value)
+                super().__init__(*args, **kwargs)
+    WithCredentials.__name__ = WithCredentials.__qualname__ = base.__name__
+    return WithCredentials
 
 
 def _engine_env() -> dict[str, str]:
@@ -37,8 +63,14 @@ def _engine_env() -> dict[str, str]:
 
 
 def stage_adapters(recipe: Recipe, found: model_sources.Sources) -> str | None:
-    """Ray Serve LLM loads adapters from one object-storage prefix, one subfolder per adapter:
-    copy each adapter to <output_model_path>/served-adapters/<base>/<name>/."""
+    """Ray Serve LLM loads adapters from one object-storage prefix, one subfolder per adapter: copy
+    them to <output_model_path>/served-adapters/<fingerprint>/<name>/. The fingerprint covers every
+    adapter's source and content, so deployments of other adapters under the same names (teamA/demo,
+    teamB/demo) never share a prefix; a prefix is finished (its .staged mark written) before any
+    replica starts, and never deleted or rewritten."""
+    import hashlib
+    import json
+
     if not found.adapters:
         return None
     out = recipe.storage.output_model_path
@@ -46,18 +78,36 @@ def stage_adapters(recipe: Recipe, found: model_sources.Sources) -> str | None:
         raise UserError("serve.engine vllm: Ray Serve LLM loads LoRA adapters only from object storage; set "
                         "storage.output_model_path to an s3:// (or gs://) prefix to stage them under, "
                         "or use engine: transformers")
-    root = storage.join(out, ADAPTER_STAGING, found.base_name)
-    for name, uri in found.adapters.items():
-        target = storage.join(root, name.split(":", 1)[1])
-        storage.remove(target, found.s3)
-        storage.copy(uri, target, found.s3)
+    prints = [[name, fingerprint(uri, found.s3)] for name, uri in sorted(found.adapters.items())]
+    key = hashlib.sha256(json.dumps([found.base_name, prints]).encode()).hexdigest()[:24]
+    root = storage.join(out, ADAPTER_STAGING, key)
+    mark = f"{root}.staged"
+    if storage.read_bytes(mark, found.s3) is None:
+        for name, uri in found.adapters.items():
+            storage.copy(uri, storage.join(root, name.split(":", 1)[1]), found.s3)
+        storage.write_bytes(mark, json.dumps(dict(found.adapters)).encode(), found.s3)
     return root
+
+
+def _served_app(section: Any, found: model_sources.Sources) -> Any:
+    """Ray Serve LLM's FastAPI app without what it opens by default: its allow-every-origin CORS
+    (a recipe key opens CORS for named origins) and the /docs, /redoc and /openapi.json pages (the
+    docs page loads scripts from a CDN on the origin where the web page keeps the API key)."""
+    from fastapi.middleware.cors import CORSMiddleware
+    from ray.llm._internal.serve.core.ingress.ingress import init
+
+    app = init()
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in docs]
+    app.openapi_url = app.docs_url = app.redoc_url = None
+    return front(section, lambda: {"engine": "vllm", "models": found.names()}, app=app, fill_max_tokens=True)
 
 
 def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import init
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
     from ray.serve.llm import LLMConfig, LLMServer
     from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
@@ -66,7 +116,8 @@ def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
     section = recipe.serve
     gpu = torch.cuda.is_available()
     lora_root = stage_adapters(recipe, found)
-    env = {**_s3_env(found.s3), **_engine_env()}
+    plain, keys = _s3_env(found.s3)
+    env = {**plain, **_engine_env()}
     if storage.is_remote(found.base_uri):
         source: Any = {"bucket_uri": found.base_uri}  # each replica downloads it on its own node
     else:
@@ -95,17 +146,18 @@ def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
         config = LLMConfig(**config_kwargs)
     except ValueError as err:
         raise UserError(f"serve: Ray Serve LLM refused this configuration: {err}") from None
-    server = serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(config)).bind(config)
+    server = (serve.deployment(_with_credentials(LLMServer)).options(**LLMServer.get_deployment_options(config))
+              .bind(config, credentials=keys))
 
-    app = front(api_key(section), section.max_ongoing_requests,
-                lambda: {"engine": "vllm", "models": found.names()}, app=init())
     ingress_options = OpenAiIngress.get_deployment_options([config])
     ingress_options.update(max_ongoing_requests=options["max_ongoing_requests"],
                            max_queued_requests=options["max_queued_requests"],
                            ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}})
-    ingress = serve.deployment(make_fastapi_ingress(OpenAiIngress, app=app)).options(**ingress_options)
-    return ingress.bind(
+    routes = {name: DEFAULT_ENDPOINTS[name] for name in ROUTES}
+    ingress_cls = make_fastapi_ingress(_with_credentials(OpenAiIngress), app=_served_app(section, found), endpoint_map=routes)
+    return serve.deployment(ingress_cls).options(**ingress_options).bind(
         llm_deployments={found.base_name: server},
         model_cards={found.base_name: to_model_metadata(found.base_name, config)},
+        credentials=keys,
         **({"lora_paths": {found.base_name: lora_root}} if lora_root else {}),
     )

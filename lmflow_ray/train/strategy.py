@@ -155,6 +155,8 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=tag, exclude_frozen_parameters=self.lora)
 
     def load(self, folder: str) -> None:
+        # DeepSpeed loads its own files with torch.load(weights_only=False), pickles that can run code:
+        # the worker has checked every file's sha256 against the manifest before this is called.
         path, _ = self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), load_module_strict=not self.lora)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/deepspeed")
@@ -277,7 +279,8 @@ class DDPStrategy:
                         "scheduler": self.scheduler.state_dict(), "tag": tag}, os.path.join(folder, "ddp_state.pt"))
 
     def load(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, "ddp_state.pt"), map_location="cpu", weights_only=False)
+        # Tensors, numbers and strings only: weights_only=True refuses a pickle that would run code.
+        state = torch.load(os.path.join(folder, "ddp_state.pt"), map_location="cpu", weights_only=True)
         missing = set(self._saved_state()) - set(state["model"])
         if missing:
             raise RuntimeError(f"checkpoint lacks trainable weights: {sorted(missing)[:3]}")

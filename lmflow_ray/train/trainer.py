@@ -18,6 +18,7 @@ from lmflow_ray import storage
 from lmflow_ray.config import Recipe
 from lmflow_ray.data.pipeline import build_dataset
 from lmflow_ray.errors import UserError
+from lmflow_ray.lease import LEASE, Lease
 from lmflow_ray.storage import S3Options
 from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
 from lmflow_ray.train.plan import Plan, make_plan
@@ -34,7 +35,8 @@ class RunResult:
 
 
 def unique_run_name(prefix: str) -> str:
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in prefix).lstrip("._-")[:100] or "run"
+    return f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _use_gpu(recipe: Recipe) -> bool:
@@ -59,15 +61,17 @@ def check_method(recipe: Recipe, world: int) -> None:
 
 
 def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool, say) -> storage.CheckpointInfo | None:
-    """Start over (``fresh``) or find the checkpoint to resume, refusing ones that cannot load."""
+    """Start over (``fresh``) or find the checkpoint to resume, refusing ones that cannot load. The
+    caller holds the run's lease. Only a checkpoint whose manifest is missing or whose files are
+    short counts as partial and is removed; storage that fails stops the run, deleting nothing."""
     if fresh:
-        storage.remove(run_uri, s3)
-        say(f"--fresh: removed {run_uri}")
+        if storage.clear_run(run_uri, s3, keep=(LEASE,)):
+            say(f"--fresh: removed everything in {run_uri}")
         return None
     checkpoints = storage.list_checkpoints(run_uri, s3)
     for partial in [c for c in checkpoints if not c.complete]:
         say(f"removing incomplete checkpoint {partial.uri} ({partial.problem})")
-        storage.remove(partial.uri, s3)
+        storage.remove_in_run(partial.uri, run_uri, s3)
     complete = [c for c in checkpoints if c.complete]
     if not complete:
         return None
@@ -91,20 +95,37 @@ def token_parts(recipe: Recipe, world: int) -> list:
     return ds.materialize().split(world, equal=True)
 
 
-def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print, progress: bool = True) -> RunResult:
-    """Train to the end (resuming when the run folder has a checkpoint); returns where it went."""
-    import ray
+def run_folder(recipe: Recipe, run_name: str) -> str:
+    out = recipe.storage.output_model_path
+    return storage.join(out if storage.is_remote(out) else os.path.abspath(out), run_name)
+
+
+def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print, progress: bool = True,
+        lease: Lease | None = None) -> RunResult:
+    """Train to the end (resuming when the run folder has a checkpoint); returns where it went.
+    The run holds the run folder's lease throughout (or uses the caller's ``lease``)."""
+    s3 = S3Options.resolve(recipe.storage)
+    run_name = recipe.storage.run_name or unique_run_name(name_prefix)
+    run_uri = run_folder(recipe, run_name)
+    check_method(recipe, recipe.train.num_workers)
+    held = lease or Lease(run_uri, s3).acquire(say)
+    try:
+        result = _run(recipe, run_name, run_uri, s3, fresh, say, progress)
+    finally:
+        if lease is None:
+            held.release()
+    if held.lost:
+        say(f"warning: another run took over {run_uri} while this one trained; check its checkpoints")
+    return result
+
+
+def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool, say, progress: bool) -> RunResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lmflow_ray.train.worker import train_loop
 
-    s3 = S3Options.resolve(recipe.storage)
-    run_name = recipe.storage.run_name or unique_run_name(name_prefix)
-    run_uri = storage.join(recipe.storage.output_model_path if storage.is_remote(recipe.storage.output_model_path)
-                           else os.path.abspath(recipe.storage.output_model_path), run_name)
     world = recipe.train.num_workers
-    check_method(recipe, world)
     resume = prepare(recipe, run_uri, s3, world, fresh, say)
     say(f"run {run_name}: " + (f"resuming from step {resume.step} ({resume.uri})" if resume else "starting") +
         f"; to resume later: run_name={run_name}")
@@ -123,7 +144,8 @@ def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print
     board = _progress_board() if progress else None
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"recipe": recipe.model_dump(mode="json"), "plan": plan.to_dict(), "run_uri": run_uri,
+        # Python values, not JSON: credentials stay Secrets, which travel (and show) as references.
+        train_loop_config={"recipe": recipe.model_dump(), "plan": plan.to_dict(), "run_uri": run_uri,
                            "s3": s3.to_dict(), "board": board},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=_use_gpu(recipe),
                                      resources_per_worker=recipe.train.resources_per_worker),

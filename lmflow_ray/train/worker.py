@@ -57,7 +57,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # The newest complete checkpoint in the run folder: after a worker-group restart, on a re-run
     # with the same name, and also when a checkpoint finished uploading just before a crash but Ray
     # had not yet registered it (ray.train.get_checkpoint() would miss that one).
-    latest = storage.latest_checkpoint(run_uri, s3)  # complete by its manifest
+    latest = storage.latest_checkpoint(run_uri, s3, say=print)  # complete by its manifest; unreadable raises
     start = latest.step if latest is not None else 0
 
     # LISA: the blocks the checkpoint's optimizer state belongs to (those of its last step).
@@ -81,6 +81,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         fs, path = storage.filesystem(latest.uri, s3)
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
+            storage.verify_local(folder, latest.manifest, latest.uri)  # before any (pickled) file is loaded
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
     peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
@@ -236,7 +237,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
                            "resumed_at": state["resumed_at"]}, f, indent=1)
             with open(os.path.join(folder, "recipe.yaml"), "w") as f:
                 f.write(recipe_to_yaml(recipe))
-        mine = storage.list_local_files(folder)
+        mine = storage.list_local_files(folder, hashes=True)
         everyone: list[Any] = [mine]
         if world > 1:
             everyone = [None] * world
@@ -280,8 +281,23 @@ def method_label(recipe: Recipe) -> str:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors and numbers only, so it loads with weights_only=True (a
+    pickle in a shared checkpoint folder would run whatever code its writer put in it)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python_version": version, "python_state": torch.tensor(mt, dtype=torch.int64), "python_gauss": gauss,
+            "numpy_kind": kind, "numpy_keys": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+            "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict) -> None:
+    random.setstate((rng["python_version"], tuple(rng["python_state"].tolist()), rng["python_gauss"]))
+    np.random.set_state((rng["numpy_kind"], rng["numpy_keys"].numpy().astype(np.uint32), rng["numpy_pos"],
+                         rng["numpy_has_gauss"], rng["numpy_gauss"]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def restore(folder: str, strategy, rank: int) -> dict:
@@ -290,12 +306,7 @@ def restore(folder: str, strategy, rank: int) -> dict:
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
     rng_file = os.path.join(folder, "rng", f"rank{rank % state['world_size']}.pt")
-    rng = torch.load(rng_file, weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    set_rng_state(torch.load(rng_file, weights_only=True))
     return {"step": state["step"], "log_history": state["log_history"],
             "resumed_at": [*state.get("resumed_at", []), state["step"]]}
 
