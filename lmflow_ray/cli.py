@@ -344,6 +344,7 @@ def cmd_serve(args: argparse.Namespace, extras: list[str]) -> int:
 
 
 def cmd_chat(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.credentials import reveal
     from lmflow_ray.serve.chat import endpoint_replies, local_replies, run_chat
 
     target, overrides = _split(extras)
@@ -354,7 +355,8 @@ def cmd_chat(args: argparse.Namespace, extras: list[str]) -> int:
     if args.url:
         if target:
             raise UserError("chat: give a RECIPE (a local model) or --url (a running server), not both")
-        reply = endpoint_replies(args.url, args.model, args.api_key or os.environ.get("LMFLOW_RAY_API_KEY"))
+        key = args.api_key or reveal(recipe.serve.api_key) or os.environ.get("LMFLOW_RAY_API_KEY")
+        reply = endpoint_replies(args.url, args.model, key)
         return run_chat(reply, options, system=args.system)
     print("loading the model ...", file=sys.stderr, flush=True)
     reply, close = local_replies(recipe)

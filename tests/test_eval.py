@@ -109,7 +109,8 @@ def test_folder_eval_accuracy_nll_and_files(ray_local, tiny_model_dir, chat_set,
     assert [p["correct"] for p in result.predictions] == [i % 2 == 0 for i in range(len(QUESTIONS))]
 
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["benchmark.log", "predictions.jsonl", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".lmflow-ray-output.json", "benchmark.log", "predictions.jsonl",
+                                                     "results.json", "results.md"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["metrics"]["acc"] == 0.5 and saved["count"] == len(QUESTIONS)
     log = (out / "benchmark.log").read_text()
@@ -117,7 +118,7 @@ def test_folder_eval_accuracy_nll_and_files(ray_local, tiny_model_dir, chat_set,
     assert "| accuracy | 50.00% (4/8) |" in (out / "results.md").read_text()
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(QUESTIONS) and all("prediction" in json.loads(x) for x in lines)
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".eval-")]  # nothing half-written left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".lmflow-ray-tmp-")]  # nothing half-written left
 
 
 @pytest.mark.parametrize("answer_type", ["multiple_choice", "binary_choice", "pubmedqa"])

@@ -68,14 +68,23 @@ def test_readme_serve_command_runs_on_vllm_with_an_s3_adapter(s3_server, tmp_pat
     log = tmp_path / "serve.log"
     overrides = ["engine=vllm", f"port={port}", "lora_adapters={polite: s3://lmflow-serve/adapters/polite}",
                  "output_model_path=s3://lmflow-serve/staging", "max_new_tokens=64", "max_ongoing_requests=4"]
-    env = {**os.environ, **s3_server.env(), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    key = "sk-vllm-test-key"  # from the environment, as a KubeRay Secret gives it
+    env = {**os.environ, **s3_server.env(), "VLLM_CPU_KVCACHE_SPACE": "1", "LMFLOW_RAY_API_KEY": key}
     with open(log, "w") as out:
         proc = subprocess.Popen([LMFLOW_RAY, *README_SERVE.split()[1:], *overrides], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_healthy(url, proc, log)
-        assert requests.get(f"{url}/health", timeout=10).json()["engine"] == "vllm"
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        assert requests.get(f"{url}/health", timeout=10).json() == {"status": "ok"}  # with a key: no names
+        auth = {"Authorization": f"Bearer {key}"}
+        assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+        for path in ("/tokenize", "/detokenize", "/docs", "/openapi.json", "/v1/embeddings"):  # not served
+            r = requests.post(f"{url}{path}", json={"model": "x", "prompt": "hi"}, headers=auth, timeout=10)
+            assert r.status_code in (404, 405), (path, r.status_code, r.text[:200])
+        preflight = requests.options(f"{url}/v1/chat/completions", timeout=10, headers={
+            "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in preflight.headers  # CORS off unless the recipe opens it
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
         base = "SmolLM2-135M-Instruct"
         assert [m.id for m in client.models.list()] == [base, f"{base}:polite"]
 
@@ -87,23 +96,28 @@ def test_readme_serve_command_runs_on_vllm_with_an_s3_adapter(s3_server, tmp_pat
         assert len(pieces) > 2 and "".join(pieces) == answer.choices[0].message.content
         completion = client.completions.create(model=base, prompt="The capital of France is", max_tokens=8, temperature=0)
         assert completion.choices[0].text.strip()
+        uncapped = client.completions.create(model=base, prompt="Count to a thousand: 1, 2, 3,", temperature=0)
+        assert uncapped.usage.completion_tokens <= 64  # serve.max_new_tokens, also where vLLM has no limit
         adapted = client.chat.completions.create(model=f"{base}:polite", messages=question, max_tokens=20, temperature=0)
         assert adapted.model == f"{base}:polite" and adapted.choices[0].message.content != answer.choices[0].message.content
 
         bad = [(b"{oops", 400), (json.dumps({"model": base, "messages": []}).encode(), 400),
                (json.dumps({"model": "nobody", "messages": question}).encode(), 404),
-               (json.dumps({"model": base, "messages": question, "max_tokens": 10 ** 7}).encode(), 400)]
+               (json.dumps({"model": base, "messages": question, "max_tokens": 10 ** 7}).encode(), 400),
+               (json.dumps({"model": base, "messages": question, "n": 3}).encode(), 400),
+               (json.dumps({"model": base, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode(), 413)]
         for body, status in bad:
-            r = requests.post(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+            r = requests.post(f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json", **auth},
+                              timeout=60)
             assert r.status_code == status and r.json()["error"]["message"], (body, r.status_code, r.text)
 
         chat = subprocess.run([LMFLOW_RAY, "chat", "--url", url, "--max_new_tokens", "20"], input="What is the capital of France?\n",
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "LMFLOW_RAY_API_KEY": key})
         assert chat.returncode == 0 and "Paris" in chat.stdout, chat.stderr[-2000:]
 
         from browser import chat_in_browser
 
-        reply, seen, _ = chat_in_browser(url, "What is the capital of France?", "webchat-vllm.png", model=base)
+        reply, seen, _ = chat_in_browser(url, "What is the capital of France?", "webchat-vllm.png", key=key, model=base)
         assert reply.strip() and len(set(seen)) > 1
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -155,6 +169,32 @@ def test_kuberay_rayservice_carries_the_checkpoint_serve_config():
     assert cluster["enableInTreeAutoscaling"] is True
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason="KubeRay's CRD schemas are not next to this checkout")
+def test_kuberay_rayservice_validates_against_the_crd():
+    import jsonschema
+
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    crd = yaml.safe_load((CRDS / "ray.io_rayservices.yaml").read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    jsonschema.validate(manifest, v1["schema"]["openAPIV3Schema"])
+
+
+def test_kuberay_rayservice_keeps_ray_and_the_api_closed():
+    manifest = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}  # the jobs API and dashboard want the cluster token
+    assert cluster["headGroupSpec"]["rayStartParams"].get("dashboard-host") != "0.0.0.0"
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        keys = {e["name"]: e for e in container.get("env", [])}
+        assert keys["LMFLOW_RAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "lmflow-api"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert "api_key" not in json.dumps(serve_config) and "aws_secret_access_key" not in json.dumps(serve_config)
 
 
 @pytest.mark.slow

@@ -56,6 +56,10 @@ def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_
     for name in ("loss.png", "summary.md"):
         fs, path = filesystem(join(second.run_uri, name), s3)
         assert fs.get_file_info(path).size > 100, name
+    fs, path = filesystem(join(checkpoints[-1].uri, "recipe.yaml"), s3)
+    with fs.open_input_stream(path) as f:
+        saved = f.read().decode()
+    assert "aws_secret_access_key: null" in saved and s3_server.secret_key not in saved  # keys came from the recipe
 
     adapter = local_model_folder(second.run_uri, tmp_path / "adapter", s3)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
+from lmflow_ray.credentials import Secret, reveal, secret
 from lmflow_ray.data.pipeline import Spec, renders, tools_for
 from lmflow_ray.data.sources import Dataset, open_dataset, read_shard
 from lmflow_ray.errors import DataError, UserError
@@ -219,10 +220,11 @@ class ModelScorer:
 class EndpointScorer:
     """A Ray Data actor that asks a running OpenAI-compatible server, a batch of requests at once."""
 
-    def __init__(self, url: str, model: str, api_key: str | None, max_new_tokens: int, concurrency: int):
+    def __init__(self, url: str, model: str, api_key: Secret | None, max_new_tokens: int, concurrency: int):
         import openai
 
-        self.client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=5, timeout=600)
+        self.client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=reveal(api_key) or "none", max_retries=5,
+                                    timeout=600)
         self.model, self.max_new_tokens, self.concurrency = model, max_new_tokens, concurrency
 
     def _ask(self, request_json: str) -> str:
@@ -369,7 +371,7 @@ def _collect(ds: Any, total: int, say: Callable[[str], None], label: str) -> lis
     return out
 
 
-def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None = None,
+def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | str | None = None,
              say: Callable[[str], None] = print) -> EvalResult:
     """Score the recipe's eval dataset with its model, or with ``eval.server_url``; Ray must be
     initialised. Writes the results folder and returns what it holds."""
@@ -383,7 +385,8 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: str | None 
         import openai
 
         name = model_name or recipe.serve.served_model_name
-        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=2, timeout=30)
+        api_key = secret(api_key)  # the scoring actors get it as a reference, not in Ray Data's plan
+        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=reveal(api_key) or "none", max_retries=2, timeout=30)
         try:
             served = [m.id for m in client.models.list().data]
         except openai.APIError as err:
