@@ -429,9 +429,14 @@ def check_output(target: str, kind: str, s3: S3Options | dict | None = None) -> 
         except ValueError:
             pass
     if not isinstance(mark, dict) or mark.get("kind") != kind:
-        what = f"a {mark.get('kind')} output" if isinstance(mark, dict) and mark.get("kind") else "files lmflow-ray did not write"
-        raise UserError(f"{target}: already holds {what}; refusing to replace it with a {kind} output. "
+        held = mark.get("kind") if isinstance(mark, dict) else None
+        what = f"{_an(held)} output" if held else "files lmflow-ray did not write"
+        raise UserError(f"{target}: already holds {what}; refusing to replace it with {_an(kind)} output. "
                         "Name a new folder (or remove that one yourself)")
+
+
+def _an(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 def new_output_dir(target: str) -> str:
