@@ -134,12 +134,10 @@ def _publish_if_connected(ref: str) -> None:
     handed over by ``publish_pending`` when the process connects (see ray_init.connect)."""
     import sys
 
-    ray = sys.modules.get("ray")
+    ray = sys.modules.get("ray")  # never imports Ray itself: a process without it has nothing to hand over
     if ray is None or not ray.is_initialized() or ref in _published or ref not in _values:
         return
-    import ray as _ray
-
-    _ray.get(_holder(create=True).put.remote(ref, _values[ref]))
+    ray.get(_holder(create=True).put.remote(ref, _values[ref]))
     _published.add(ref)
 
 

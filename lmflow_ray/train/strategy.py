@@ -18,9 +18,21 @@ from typing import Any
 
 import torch
 
+from lmflow_ray.errors import UserError
 from lmflow_ray.model.lisa import Lisa
 from lmflow_ray.train.deepspeed import offloads_optimizer, zero_stage
 from lmflow_ray.train.plan import Plan, lr_multiplier
+
+
+def load_plain(path: str, name: str) -> Any:
+    """A torch file of tensors and numbers only (weights_only=True); anything else is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{name}: holds more than tensors and numbers (an older lmflow-ray wrote it, or someone "
+                        "changed it); refusing to unpickle it. Start over with --fresh or another run_name") from None
 
 
 def _optimizer_groups(model: Any, weight_decay: float, lisa: Lisa | None = None) -> list[dict]:
@@ -279,8 +291,8 @@ class DDPStrategy:
                         "scheduler": self.scheduler.state_dict(), "tag": tag}, os.path.join(folder, "ddp_state.pt"))
 
     def load(self, folder: str) -> None:
-        # Tensors, numbers and strings only: weights_only=True refuses a pickle that would run code.
-        state = torch.load(os.path.join(folder, "ddp_state.pt"), map_location="cpu", weights_only=True)
+        # Tensors, numbers and strings only: a pickle that would run code is refused.
+        state = load_plain(os.path.join(folder, "ddp_state.pt"), "ddp_state.pt")
         missing = set(self._saved_state()) - set(state["model"])
         if missing:
             raise RuntimeError(f"checkpoint lacks trainable weights: {sorted(missing)[:3]}")

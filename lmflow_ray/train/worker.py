@@ -27,7 +27,7 @@ from lmflow_ray.model.lisa import Lisa
 from lmflow_ray.train.observe import (BlockWatch, MemoryPeak, Meter, TensorBoard, flops_per_token, measure_matmul_peak,
                                       plot_loss, summary_markdown)
 from lmflow_ray.train.plan import Plan
-from lmflow_ray.train.strategy import DDPStrategy, DeepSpeedStrategy
+from lmflow_ray.train.strategy import DDPStrategy, DeepSpeedStrategy, load_plain
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -306,7 +306,7 @@ def restore(folder: str, strategy, rank: int) -> dict:
     with open(os.path.join(folder, "trainer_state.json")) as f:
         state = json.load(f)
     rng_file = os.path.join(folder, "rng", f"rank{rank % state['world_size']}.pt")
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    set_rng_state(load_plain(rng_file, "rng/" + os.path.basename(rng_file)))
     return {"step": state["step"], "log_history": state["log_history"],
             "resumed_at": [*state.get("resumed_at", []), state["step"]]}
 
