@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from lmflow_ray.credentials import Secret, reveal, secret
+from lmflow_ray.credentials import Secret, redact, reveal, secret
 from lmflow_ray.errors import StorageError, UserError
 
 T = TypeVar("T")
@@ -111,6 +111,9 @@ def retrying(what: str, fn: Callable[[], T]) -> T:
             if delay is None:
                 raise StorageError(f"{what}: storage kept failing after {len(RETRY_DELAYS_S) + 1} tries ({err}); "
                                    "stopped without changing anything") from None
+            import sys
+
+            print(redact(f"{what}: storage error ({err}); trying again in {delay:g} s"), file=sys.stderr, flush=True)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
