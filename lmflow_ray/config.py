@@ -16,7 +16,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
 
 from lmflow_ray.credentials import Secret, secret
 from lmflow_ray.errors import UserError
-from lmflow_ray.storage import is_run_name
+from lmflow_ray.storage import check_endpoint, is_run_name
 
 
 class _Section(BaseModel):
@@ -144,13 +144,6 @@ class StorageSection(_Section):
         return check_endpoint(value) if value else value
 
 
-def check_endpoint(url: str) -> str:
-    """An endpoint without a scheme would silently mean plain http: ask for it."""
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"{url!r} has no scheme; write https://{url} (or http:// for a plain-text local server)")
-    return url
-
-
 class ServeSection(_Section):
     engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto = vLLM where it is installed, else transformers")
     served_model_name: str | None = Field(None, description="empty = the run or folder name (`SmolLM2-135M-Instruct` for default)")
@@ -168,13 +161,13 @@ class ServeSection(_Section):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_stop_chars: int = Field(256, ge=1, description="the longest stop string accepted")
     cors_allow_origins: list[str] | None = Field(None, description="origins allowed to call the API from a browser; empty = none (CORS off)")
+    max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
+    vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
 
     @field_validator("cors_allow_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         return _comma_list(value)
-    max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
-    vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
 
 
 METRIC_ALIASES = {"accuracy": "acc", "perplexity": "ppl", "neg_log_likelihood": "nll", "loss": "nll"}

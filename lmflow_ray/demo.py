@@ -103,8 +103,7 @@ def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], No
     connect(address)
     quiet_data_logs()
     # The demo starts over each time: its own run folder only, and never under another live run.
-    lease = Lease(run_uri, s3).acquire(say)
-    try:
+    with Lease(run_uri, s3).acquire(say) as lease:
         storage.clear_run(run_uri, s3, keep=(LEASE,))
         heldout = read_instances(recipe, open_eval_dataset(recipe))
         timings["ray"] = time.time() - t
@@ -175,8 +174,6 @@ def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], No
         say(f"eval results: {storage.join(run_uri, 'eval', 'base')}  {storage.join(run_uri, 'eval', 'tuned')}")
         say(f"done in {timings['total']:.0f} s")
         return report
-    finally:
-        lease.release()
 
 
 def main(recipe: Recipe, address: str | None = None) -> int:

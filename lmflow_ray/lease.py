@@ -94,7 +94,7 @@ class Lease:
         except StorageError:
             pass  # it expires by itself
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> "Lease":  # `with Lease(...).acquire(say) as lease:` releases it at the end
         return self
 
     def __exit__(self, *_: Any) -> None:

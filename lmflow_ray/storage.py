@@ -10,6 +10,7 @@ import json
 import os
 import posixpath
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
@@ -44,10 +45,10 @@ class S3Options:
         endpoint = getattr(storage, "endpoint_url", None)
         for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
             if not endpoint and env(name):
-                endpoint = env(name)
-                if not endpoint.startswith(("http://", "https://")):
-                    raise UserError(f"{name}={endpoint!r} has no scheme; set it to https://{endpoint} "
-                                    "(or http:// for a plain-text local server)")
+                try:
+                    endpoint = check_endpoint(env(name))
+                except ValueError as err:
+                    raise UserError(f"{name}: {err}") from None
         return cls(
             endpoint_url=endpoint,
             access_key=getattr(storage, "aws_access_key_id", None) or env("AWS_ACCESS_KEY_ID"),
@@ -58,6 +59,13 @@ class S3Options:
     def to_dict(self) -> dict[str, Any]:
         return {"endpoint_url": self.endpoint_url, "access_key": self.access_key, "secret_key": self.secret_key,
                 "region": self.region}
+
+
+def check_endpoint(url: str) -> str:
+    """An S3 endpoint without a scheme would silently mean plain http: ask for it."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} has no scheme; write https://{url} (or http:// for a plain-text local server)")
+    return url
 
 
 def is_remote(uri: str) -> bool:
@@ -305,22 +313,24 @@ def inspect_checkpoint(uri: str, s3: S3Options | dict | None = None) -> Checkpoi
 
 def _read_manifest(uri: str, s3: S3Options | dict | None) -> dict | None:
     """The manifest, or None when there is none. It is written in one piece, so one that does not
-    parse is a bad read or a damaged file: read again, then an error (never "partial")."""
-    for delay in (*RETRY_DELAYS_S, None):
-        raw = read_bytes(join(uri, MANIFEST), s3)
-        if raw is None:
-            return None
+    parse is a bad read or a damaged file: retried like any storage error, never "partial"."""
+    fs, path = filesystem(join(uri, MANIFEST), s3)
+
+    def read() -> dict:
+        with fs.open_input_stream(path) as f:
+            raw = f.read()
         try:
             manifest = json.loads(raw)
-            if isinstance(manifest, dict):
-                return manifest
         except ValueError:
-            pass
-        if delay is None:
-            raise StorageError(f"{join(uri, MANIFEST)}: not a valid manifest ({len(raw)} bytes); left as it is. "
-                               "Move the checkpoint away (or use --fresh) to start without it")
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+            manifest = None
+        if not isinstance(manifest, dict):
+            raise OSError(f"not a valid manifest ({len(raw)} bytes)")
+        return manifest
+
+    try:
+        return retrying(join(uri, MANIFEST), read)
+    except FileNotFoundError:
+        return None
 
 
 def _checkpoint_uris(run_uri: str, s3: S3Options | dict | None) -> list[str]:
@@ -451,7 +461,7 @@ def new_output_dir(target: str) -> str:
     if parent:
         os.makedirs(parent, exist_ok=True)
         _sweep(parent)
-    tmp = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}@{socket.gethostname()}-", dir=parent)
     os.chmod(tmp, 0o755)
     return tmp
 
@@ -521,7 +531,8 @@ class _signals_held:
 
 
 def _sweep(parent: str) -> None:
-    """Remove temporary folders of ours in ``parent`` whose process is gone (killed mid-write)."""
+    """Remove temporary folders of ours in ``parent`` whose process is gone (killed mid-write). Only
+    this machine's: on a shared filesystem another machine's pid means nothing here."""
     import shutil
 
     try:
@@ -531,8 +542,9 @@ def _sweep(parent: str) -> None:
     for name in names:
         if not name.startswith(_TEMP_PREFIX):
             continue
-        pid = name[len(_TEMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        pid, _, rest = name[len(_TEMP_PREFIX):].partition("@")
+        host = rest.rsplit("-", 1)[0]
+        if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 

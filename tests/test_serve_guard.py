@@ -79,6 +79,8 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read():
 
     r = call(app, "POST", "/v1/chat/completions", content=chunks(), headers=AUTH)
     assert r.status_code == 413
+    r = call(app, "POST", "/v1/chat/completions", content=b"{}", headers={**AUTH, "Content-Length": "lots"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("extra,param", [({"max_tokens": 65}, "max_tokens"), ({"max_completion_tokens": 1000},

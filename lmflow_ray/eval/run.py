@@ -106,10 +106,11 @@ def preflight(recipe: Recipe) -> None:
     """The checks that need no cluster: the dataset opens, its type suits the metrics and the
     model source, and the model is where the recipe says."""
     check_request(recipe, open_eval_dataset(recipe).kind, endpoint=bool(recipe.eval.server_url))
+    s3 = storage.S3Options.resolve(recipe.storage)
     if recipe.eval.eval_output_dir:
-        storage.check_output(recipe.eval.eval_output_dir, EVAL_OUTPUT, storage.S3Options.resolve(recipe.storage))
+        storage.check_output(recipe.eval.eval_output_dir, EVAL_OUTPUT, s3)
     if not recipe.eval.server_url:
-        exact_uri(recipe.model.model_name_or_path, storage.S3Options.resolve(recipe.storage).to_dict(), "model.model_name_or_path")
+        exact_uri(recipe.model.model_name_or_path, s3.to_dict(), "model.model_name_or_path")
 
 
 def options_for(recipe: Recipe, kind: str, instance: dict[str, Any], index: int) -> list[str]:
@@ -330,7 +331,6 @@ def write_outputs(result: EvalResult, s3: dict | None) -> None:
     folder and put in place (renamed, or uploaded) only when complete. The target must be new, or
     an earlier eval output: a folder with anything else in it is refused, never replaced."""
     target = result.output
-    storage.check_output(target, EVAL_OUTPUT, s3)
     tmp = storage.new_output_dir(target)
     try:
         summary = {k: v for k, v in asdict(result).items() if k != "predictions"}

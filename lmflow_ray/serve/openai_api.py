@@ -251,10 +251,13 @@ class Guard:
         return self.api_key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or route_of(scope) in OPEN_ROUTES:
+        route = route_of(scope) if scope["type"] == "http" else ""
+        if scope["type"] != "http" or route in OPEN_ROUTES:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.limits.max_request_bytes:
+        if not length.isdigit():
+            return await send_json(send, 400, error_body("the Content-Length header is not a number"))
+        if int(length) > self.limits.max_request_bytes:
             return await self._too_large(send)
         key = await self._key()
         if key is not None and not hmac.compare_digest((bearer_key(scope["headers"]) or "").encode(), key.encode()):
@@ -271,14 +274,15 @@ class Guard:
                 body = await _read_body(receive, self.limits.max_request_bytes)
                 if body is None:
                     return await self._too_large(send)
-                if scope["method"] == "POST" and route_of(scope) in GENERATION_ROUTES:
+                if scope["method"] == "POST" and route in GENERATION_ROUTES:
                     try:
-                        checked = check_limits(json.loads(body), self.limits)
+                        parsed = json.loads(body)
+                        checked = check_limits(parsed, self.limits)
                     except APIError as err:
                         return await send_json(send, err.status, err.body(), err.headers)
                     except ValueError:  # not JSON: the route's own parser answers 400
-                        checked = None
-                    if checked is not None:
+                        parsed = checked = None
+                    if checked is not parsed:  # max_tokens filled in
                         body = json.dumps(checked).encode()
                 scope, receive = _with_body(scope, receive, body)
             await self.app(scope, receive, send)

@@ -9,7 +9,6 @@ from typing import Any
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
-from lmflow_ray.credentials import Secret, reveal
 from lmflow_ray.errors import UserError
 from lmflow_ray.model.locate import fingerprint
 from lmflow_ray.serve import sources as model_sources
@@ -37,14 +36,14 @@ def _with_credentials(base: type) -> type:
     if inspect.iscoroutinefunction(base.__init__):
         class WithCredentials(base):
             async def __init__(self, *args: Any, credentials: dict | None = None, **kwargs: Any) -> None:
-                for name, value in (credentials or {}).items():
-                    os.environ[name] = await value.reveal_async() if isinstance(value, Secret) else value
+                for name, value in (credentials or {}).items():  # Secrets; awaited: this runs in the event loop
+                    os.environ[name] = await value.reveal_async()
                 await super().__init__(*args, **kwargs)
     else:
         class WithCredentials(base):  # type: ignore[no-redef]
             def __init__(self, *args: Any, credentials: dict | None = None, **kwargs: Any) -> None:
                 for name, value in (credentials or {}).items():
-                    os.environ[name] = reveal(value)
+                    os.environ[name] = value.reveal()
                 super().__init__(*args, **kwargs)
     WithCredentials.__name__ = WithCredentials.__qualname__ = base.__name__
     return WithCredentials
