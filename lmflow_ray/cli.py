@@ -204,10 +204,11 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
 
     from lmflow_ray.ray_init import connect, quiet_data_logs
     from lmflow_ray.storage import join
-    from lmflow_ray.train.trainer import run
+    from lmflow_ray.train.trainer import preflight, run
 
     target, overrides = _split(extras)
     recipe = _recipe(target, overrides)
+    preflight(recipe)  # what can be refused without a cluster is refused before one starts
     print("starting Ray ...", file=sys.stderr)
     connect(args.address)
     quiet_data_logs()
@@ -316,8 +317,10 @@ def cmd_serve(args: argparse.Namespace, extras: list[str]) -> int:
     connect(args.address)
     from ray import serve
 
+    from lmflow_ray.serve.front import start_serve
+
     private = not (args.address or os.environ.get("RAY_ADDRESS"))
-    serve.start(http_options={"host": section.host, "port": section.port})
+    start_serve(section.host, section.port)
     print("deploying (loading the model in each replica) ...", file=sys.stderr, flush=True)
     started = time.time()
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

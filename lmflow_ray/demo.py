@@ -57,6 +57,7 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
     from ray import serve
 
     from lmflow_ray.serve.app import APP_NAME, build_app
+    from lmflow_ray.serve.front import start_serve
     from lmflow_ray.serve.sources import resolve
 
     port = _free_port(recipe.serve.port)
@@ -67,7 +68,7 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the stage lines say what happens
     started = time.time()
     app = build_app(served)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     deployed = time.time() - started
     try:
@@ -75,7 +76,7 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
         model = names[-1]  # the LoRA run, served on its base as BASE:RUN
         say(f"  serving {', '.join(names)} at http://127.0.0.1:{port}/v1 (ready in {deployed:.0f} s)")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        head = [{"role": "system", "content": question["system"]}] if question.get("system") else []
+        head = [{"role": "system", "content": question["system"]}] if question.get("system") is not None else []
         reply = client.chat.completions.create(model=model, messages=head + question["messages"][:-1], temperature=0.0)
         return model, (reply.choices[0].message.content or "").strip(), deployed
     finally:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import requests
 
 from s3server import free_ports
 
@@ -236,20 +237,28 @@ def test_a_lora_checkpoint_in_s3(ray_local, s3_server, tiny_model_dir, chat_set,
         assert json.loads(f.read())["count"] == len(QUESTIONS)
 
 
-def test_a_served_endpoint_gives_the_same_answers_as_the_folder(ray_local, tiny_model_dir, chat_set, tmp_path, repo_python):
+def test_a_served_endpoint_gives_the_same_answers_as_the_folder(ray_local, tiny_model_dir, plain, chat_set, tmp_path,
+                                                                repo_python):
     """The tiny model on Ray Serve (transformers engine) asked through the openai client by a Ray
-    Data job: the same predictions and accuracy as evaluating the folder."""
+    Data job: the same predictions and accuracy as evaluating the folder. Then lm-eval against the
+    same endpoint: its generate_until answers are eval's, and its multiple-choice accuracy (by
+    log-likelihood, from the endpoint's echoed prompt log-probs) is eval's acc_loglik."""
     from ray import serve
 
     from lmflow_ray.config import load_recipe
     from lmflow_ray.serve.app import APP_NAME, build_app
+    from lmflow_ray.serve.front import start_serve
 
     data, _ = chat_set
     folder = evaluate_quiet(_recipe(tiny_model_dir, data, tmp_path / "folder"))
+    items = _choice_items(plain)  # scored on the folder before the replica takes a CPU
+    choices = _write(tmp_path / "choice", "text2text", [{"input": q, "output": f"({chr(65 + g)})", "options": o}
+                                                        for q, o, g in items])
+    by_loglik = evaluate_quiet(_recipe(tiny_model_dir, choices, tmp_path / "choice-out", "answer_type=multiple_choice"))
     port = free_ports(1)[0]
     app = build_app(load_recipe(None, [f"model_name_or_path={tiny_model_dir}", "engine=transformers",
                                        "served_model_name=tiny", f"port={port}", "max_new_tokens=32"]))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     serve.run(app, name=APP_NAME, route_prefix="/")
     try:
         url = f"http://127.0.0.1:{port}"
@@ -260,9 +269,101 @@ def test_a_served_endpoint_gives_the_same_answers_as_the_folder(ray_local, tiny_
         # The CLI refuses what a server cannot give, before any work, naming the metric.
         proc = repo_python("-m", "lmflow_ray.cli", "eval", "--url", url, f"eval_dataset_path={data}", "metric=nll")
         assert proc.returncode == 2 and "eval.metric nll/ppl" in proc.stderr
+        _lm_eval_agrees(url, tiny_model_dir, plain, items, by_loglik, data, folder, tmp_path)
+        serve.delete(APP_NAME)  # now Serve's proxy answers by itself: in OpenAI's shape too (ProxyErrors)
+        gone = requests.get(f"{url}/v1/models", timeout=30)
+        assert gone.status_code == 404 and "not found" in gone.json()["error"]["message"], gone.text
     finally:
         serve.delete(APP_NAME)
         serve.shutdown()
+
+
+def _choice_items(plain, n=6):
+    """Lettered questions whose reference is the most likely option for even items and another
+    for odd ones (acc_loglik exactly 1/2)."""
+    colours = [["red", "blue", "green"], ["Paris", "London", "Rome"], ["yes please", "no thanks", "maybe later"]]
+    items = []
+    for i in range(n):
+        options = colours[i % 3]
+        question = f"Question {i}: pick one.\n" + "".join(f"({chr(65 + k)}) {o}\n" for k, o in enumerate(options)) + "Answer:"
+        scores = [sum(_logprobs(plain, question, " " + o)) for o in options]
+        best = max(range(len(options)), key=lambda k: scores[k])
+        items.append((question, options, best if i % 2 == 0 else (best + 1) % len(options)))
+    return items
+
+
+LM_EVAL_TASKS = {
+    "lmflow_mc": """task: lmflow_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: question
+doc_to_choice: options
+doc_to_target: gold
+metric_list:
+  - metric: acc
+""",
+    "lmflow_gen": """task: lmflow_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: prompt
+doc_to_target: answer
+target_delimiter: ""
+generation_kwargs:
+  until: ["<|im_end|>"]
+  max_gen_toks: {new_tokens}
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+def _lm_eval_agrees(url, tiny_model_dir, plain, items, ours, chat_data, folder_result, tmp_path):
+    """lm-eval (local-completions: token-id prompts, 4 to a request) over two local JSONL tasks."""
+    import subprocess
+    import sys
+
+    _, tok = plain
+    tasks = tmp_path / "lm-eval-tasks"
+    tasks.mkdir()
+    mc = tasks / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": q, "options": o, "gold": g}) + "\n" for q, o, g in items))
+    chats = json.loads((chat_data / "data.json").read_text())["instances"]
+    gen = tasks / "gen.jsonl"
+    gen.write_text("".join(json.dumps({"prompt": _chat_prompt(tok, c["messages"][0]["content"]),
+                                       "answer": c["messages"][1]["content"]}) + "\n" for c in chats))
+    for name, data in [("lmflow_mc", mc), ("lmflow_gen", gen)]:
+        (tasks / f"{name}.yaml").write_text(LM_EVAL_TASKS[name].format(data=data, new_tokens=NEW_TOKENS))
+    out = tmp_path / "lm-eval-out"
+    args = [str(Path(sys.executable).parent / "lm_eval"), "--model", "local-completions", "--model_args",
+            f"base_url={url}/v1/completions,model=tiny,tokenizer_backend=huggingface,tokenizer={tiny_model_dir},"
+            "num_concurrent=1,max_retries=1", "--tasks", "lmflow_mc,lmflow_gen", "--include_path", str(tasks),
+            "--batch_size", "4", "--output_path", str(out), "--log_samples"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+    # Multiple choice: lm-eval's acc is eval's acc_loglik on the same items, item by item.
+    assert results["lmflow_mc"]["acc,none"] == ours.metrics["acc_loglik"] == 0.5
+    samples = sorted((json.loads(line) for line in next(out.rglob("samples_lmflow_mc_*.jsonl")).read_text().splitlines()),
+                     key=lambda s: s["doc_id"])
+    for sample, mine in zip(samples, ours.predictions):
+        theirs = [float(r[0][0]) for r in sample["resps"]]  # lm-eval logs them as strings
+        assert max(abs(a - b) for a, b in zip(theirs, mine["option_logprobs"])) < 1e-3, (theirs, mine)
+
+    # generate_until: the same greedy answers as eval of the folder (its stop: the end of turn).
+    answers = sorted((json.loads(line) for line in next(out.rglob("samples_lmflow_gen_*.jsonl")).read_text().splitlines()),
+                     key=lambda s: s["doc_id"])
+    assert [a["filtered_resps"][0].strip() for a in answers] == [p["prediction"] for p in folder_result.predictions]
+    assert results["lmflow_gen"]["exact_match,none"] == folder_result.metrics["acc"] == 0.5
 
 
 def test_bad_eval_requests_exit_2_naming_the_problem(repo_python, tiny_model_dir, tmp_path):

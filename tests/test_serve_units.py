@@ -38,7 +38,47 @@ def test_bad_completion_bodies_name_the_field(body, param):
 
 def test_completion_defaults_follow_openai():
     req = parse(CompletionRequest, b'{"model": "m", "prompt": ["only one"], "user": "ignored"}')
-    assert req.prompt == "only one" and req.max_tokens == 16 and req.temperature == 1.0
+    assert req.prompts() == ["only one"] and req.max_tokens == 16 and req.temperature == 1.0
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("one", ["one"]), (["a", "b"], ["a", "b"]), ([5, 6, 7], [[5, 6, 7]]), ([[5], [6, 7]], [[5], [6, 7]]),
+])
+def test_a_completion_prompt_is_a_string_strings_ids_or_id_lists(prompt, expected):
+    assert parse(CompletionRequest, json.dumps({"model": "m", "prompt": prompt}).encode()).prompts() == expected
+
+
+DEEP = b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+HOSTILE = [  # (raw body, param): each once gave a 500
+    (DEEP, None),
+    (b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None),
+    (b'{"model": "m", "prompt": "\\ud800"}'.replace(b"\\\\", b"\\"), "prompt"),
+    (b'{"model": "m", "prompt": ["ok", "\\udfff x"]}'.replace(b"\\\\", b"\\"), "prompt.1"),
+    (b'{"model": "m", "prompt": "x", "seed": 18446744073709551616}', "seed"),
+    (b'{"model": "m", "prompt": "x", "seed": 9223372036854775808}', "seed"),
+    (b'{"model": "m", "prompt": "x", "temperature": NaN}', None),
+    (b'{"model": "m", "prompt": "x", "top_p": Infinity}', None),
+    (b'{"model": "m", "prompt": [""]}', "prompt"),
+    (b'{"model": "m", "prompt": [[]]}', "prompt"),
+    (b'{"model": "m", "prompt": [1, true]}', "prompt"),
+    (b'{"model": "m", "prompt": "x", "logprobs": 21}', "logprobs"),
+]
+
+
+@pytest.mark.parametrize("raw,param", HOSTILE)
+def test_hostile_bodies_get_400_naming_the_field(raw, param):
+    with pytest.raises(APIError) as err:
+        parse(CompletionRequest, raw)
+    assert err.value.status == 400 and err.value.param == param and err.value.message
+
+
+def test_a_lone_surrogate_in_a_message_is_named():
+    raw = b'{"model": "m", "messages": [{"role": "user", "content": "hi \\ud800"}]}'.replace(b"\\\\", b"\\")
+    with pytest.raises(APIError) as err:
+        parse(ChatRequest, raw)
+    assert err.value.param == "messages.0.content"
+    with pytest.raises(APIError, match="top_logprobs needs logprobs"):
+        parse(ChatRequest, b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}')
 
 
 def test_served_names_come_from_the_run():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from lmflow_ray.data.formats import check_instance
 from lmflow_ray.data.templates import PRESETS, TokenizerTemplate, get_template
 from lmflow_ray.data.tokenize import IGNORE_INDEX, encode_rendered
 from lmflow_ray.errors import UserError
@@ -37,15 +38,77 @@ def official(name: str):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-@pytest.mark.parametrize("with_system", [False, True], ids=["no-system", "system"])
-def test_preset_matches_official_template(name, with_system):
-    if with_system and name.startswith("empty"):
+@pytest.mark.parametrize("system", [None, SYSTEM, ""], ids=["no-system", "system", "empty-system"])
+def test_preset_matches_official_template(name, system):
+    """An absent system prompt is none (or the model's default); an explicit empty one is an empty
+    system prompt, rendered as the official template renders it (qwen2 / qwen2_5: no default)."""
+    if system is not None and name.startswith("empty"):
         pytest.skip("LMFlow's empty templates have no system slot (tested below)")
     tok = official(name)
-    messages = ([{"role": "system", "content": SYSTEM}] if with_system else []) + TURNS
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + TURNS
     expected = tok.apply_chat_template(messages, tokenize=False)
-    conv = {"system": SYSTEM if with_system else None, "messages": TURNS}
+    conv = {"system": system, "messages": TURNS}
     assert get_template(name, tok).render(conv).text == expected
+    assert TokenizerTemplate(tok).render(conv).text == expected
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_5"])
+def test_empty_system_in_data_means_no_default_prompt(name):
+    """From a data row to the text: "system": "" (or an empty system message) reaches the template."""
+    tok = official(name)
+    default = PRESETS[name].default_system
+    expected = tok.apply_chat_template([{"role": "system", "content": ""}] + TURNS, tokenize=False)
+    assert default not in expected
+    rows = [{"system": "", "messages": TURNS}, {"messages": [{"role": "system", "content": ""}] + TURNS},
+            {"system": "", "messages": [{"role": "system", "content": ""}] + TURNS},
+            {"system": "", "conversations": [{"from": "system", "value": ""}] + [
+                {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in TURNS]}]
+    for row in rows:
+        conv = check_instance("conversation", row)
+        assert conv["system"] == ""
+        assert get_template(name, tok).render(conv).text == expected
+        assert TokenizerTemplate(tok).render(conv).text == expected
+    absent = check_instance("conversation", {"messages": TURNS})
+    assert absent["system"] is None
+    assert default in get_template(name, tok).render(absent).text
+
+
+@pytest.mark.parametrize("name", ["empty", "empty_no_special_tokens"])
+def test_empty_system_on_a_template_without_a_system_slot_renders_nothing(name):
+    tok = official(name)
+    template = get_template(name, tok)
+    assert template.render({"system": "", "messages": TURNS}).text == template.render({"system": None, "messages": TURNS}).text
+
+
+# Text that looks like a format string: it is data, never a template.
+BRACES = "Answer as {content} or {system}, {{like this}} and {{ \"a\": 1 }}; a stray } and { and {0} too."
+BRACE_TURNS = [
+    {"role": "user", "content": "Fill in {content} and {system}: {{x}} } {"},
+    {"role": "assistant", "content": "Here: {content} {system} {{ }} } {bos_token} {eos_token}"},
+    {"role": "user", "content": "{system}"},
+    {"role": "assistant", "content": "{content}"},
+]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS) + ["tokenizer"])
+@pytest.mark.parametrize("system", [None, BRACES], ids=["no-system", "braces-system"])
+def test_braces_in_system_and_messages_render_literally(name, system):
+    if system is not None and name.startswith("empty"):
+        pytest.skip("LMFlow's empty templates have no system slot")
+    tok = official("chatml" if name == "tokenizer" else name)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + BRACE_TURNS
+    conv = {"system": system, "messages": BRACE_TURNS}
+    for generation in (False, True):
+        rendered = get_template(name, tok).render(conv, add_generation_prompt=generation)
+        expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        assert rendered.text == expected
+        # Each text appears exactly as written, once (no first user message pasted into the system prompt).
+        for text in ([system] if system else []) + [m["content"] for m in BRACE_TURNS]:
+            assert text in rendered.text
+        assert rendered.text.count(BRACE_TURNS[0]["content"]) == 1
+    replies = [m["content"] for m in BRACE_TURNS if m["role"] == "assistant"]
+    for (a, b), reply in zip(rendered.spans, replies):
+        assert rendered.text[a:b].strip().startswith(reply)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

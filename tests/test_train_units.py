@@ -1,6 +1,8 @@
 """Pure parts of training: step plan, LR schedule, DeepSpeed config derivation, FLOPs, manifests."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -8,7 +10,7 @@ from lmflow_ray.config import TrainSection
 from lmflow_ray.errors import UserError
 from lmflow_ray.storage import inspect_checkpoint, latest_checkpoint, list_local_files, write_manifest
 from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
-from lmflow_ray.train.observe import flops_per_token, summary_markdown
+from lmflow_ray.train.observe import flops_per_token, loss_figure, plot_loss, summary_markdown
 from lmflow_ray.train.plan import lr_multiplier, make_plan
 
 
@@ -111,3 +113,77 @@ def test_driver_inside_a_job_adds_only_env_vars_the_job_lacks(monkeypatch):
     job["runtime_env"]["env_vars"] = dict(WORKER_ENV)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert _runtime_env() is None
+
+
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+PAIR = {"chosen": GOOD, "rejected": {"messages": [GOOD["messages"][0], {"role": "assistant", "content": "Go away."}]}}
+
+# preflight on a recipe, in a fresh interpreter: prints the refusal and whether Ray was ever imported.
+PREFLIGHT = """
+import sys
+from lmflow_ray.config import load_recipe
+from lmflow_ray.errors import UserError
+from lmflow_ray.train.trainer import preflight
+try:
+    preflight(load_recipe(None, sys.argv[1:]))
+    print("ok")
+except UserError as err:
+    print("refused:", err)
+print("ray imported:", "ray" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_paired_data_is_refused_for_sft_before_ray(tmp_path, fmt):
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps({"type": "paired_conversation", "instances": [PAIR]}))
+    else:
+        path.write_text(json.dumps(PAIR) + "\n")
+    proc = subprocess.run([sys.executable, "-c", PREFLIGHT, f"dataset_path={path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith(f"refused: data.dataset_path {path}: a paired_conversation dataset"), out
+    assert "needs a preference objective (a reward model or DPO)" in out and "not have yet" in out
+    assert "ray imported: False" in out  # refused from the file headers, no cluster started
+
+
+def test_preflight_passes_sft_data_and_refuses_a_missing_dataset(tmp_path):
+    from lmflow_ray.config import load_recipe
+    from lmflow_ray.train.trainer import preflight
+
+    path = tmp_path / "conv.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    preflight(load_recipe(None, [f"dataset_path={path}"]))
+    with pytest.raises(UserError, match="data.dataset_path: required"):
+        preflight(load_recipe(None, []))
+    with pytest.raises(UserError, match="train.use_lisa"):  # the method checks are part of it
+        preflight(load_recipe(None, [f"dataset_path={path}", "use_lisa=true", "deepspeed=zero3"]))
+
+
+def test_loss_plot_legend_covers_no_axis_and_no_label(tmp_path):
+    import matplotlib.pyplot as plt
+
+    history = [{"step": s, "loss": 3.0 / (1 + s / 5), "learning_rate": 2e-4 * min(1.0, (s + 1) / 5) * (1 - s / 45)}
+               for s in range(0, 41, 2)]
+    fig = loss_figure(history)
+    try:
+        renderer = fig.canvas.get_renderer()
+        fig.canvas.draw()
+        legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        assert len(legends) == 1  # one legend, naming both curves
+        (legend,) = legends
+        assert [t.get_text() for t in legend.get_texts()] == ["loss", "learning rate"]
+        box = legend.get_window_extent(renderer)
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)  # not cut off
+        for ax in fig.axes:  # the loss axes and its learning-rate twin
+            covered = [ax.get_window_extent(renderer), ax.yaxis.label.get_window_extent(renderer),
+                       ax.xaxis.label.get_window_extent(renderer)]
+            covered += [t.get_window_extent(renderer) for t in ax.get_yticklabels() + ax.get_xticklabels() if t.get_text()]
+            for other in covered:
+                assert not box.overlaps(other), (box, other)
+    finally:
+        plt.close(fig)
+    plot_loss(history, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 1000

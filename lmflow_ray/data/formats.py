@@ -89,7 +89,8 @@ def _turns(raw: Any, field: str, role_key: str, text_key: str, roles: dict[str, 
         if turn[role_key] not in roles:
             what = "role" if role_key == "role" else "speaker"
             raise Invalid(f"{where}.{role_key}", f"unknown {what} {turn[role_key]!r} (expected one of {', '.join(dict.fromkeys(roles))})")
-        out.append((where, {"role": roles[turn[role_key]], "content": _text(turn[text_key], f"{where}.{text_key}")}))
+        role = roles[turn[role_key]]  # an empty system prompt is a prompt (see check_conversation)
+        out.append((where, {"role": role, "content": _text(turn[text_key], f"{where}.{text_key}", allow_empty=role == "system")}))
     return out
 
 
@@ -134,7 +135,9 @@ def check_conversation(row: Any, field: str = "") -> dict[str, Any]:
         expected = "assistant" if role == "user" else "user"
     if turns[-1][1]["role"] != "assistant":
         raise Invalid(turns[-1][0], "the conversation must end with an assistant reply (nothing to learn after it)")
-    return {"system": system or None, "tools": tools or None, "messages": [m for _, m in turns]}
+    # "system": "" stays "": an explicit empty system prompt renders as the official templates render
+    # it (an empty system block; no default prompt); only an absent one (None) means none / the default.
+    return {"system": system, "tools": tools or None, "messages": [m for _, m in turns]}
 
 
 def _with_options(instance: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:

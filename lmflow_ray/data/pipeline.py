@@ -153,12 +153,18 @@ class ShardToRows:
             yield out
 
 
-def plan(recipe: Recipe, path: str | None = None) -> tuple[Dataset, Spec]:
-    """Open the dataset (headers only) and check model + template, in the driver."""
+def open_source(recipe: Recipe, path: str | None = None) -> Dataset:
+    """The recipe's dataset (or ``path``), opened: its files, their type and shards (headers only,
+    no Ray), so a driver can check it before it starts anything."""
     uri = path or recipe.data.dataset_path
     if not uri:
         raise UserError("data.dataset_path: required (a file or folder, local or s3://); pass --dataset_path PATH")
-    source = open_dataset(uri, S3Options.resolve(recipe.storage))
+    return open_dataset(uri, S3Options.resolve(recipe.storage))
+
+
+def plan(recipe: Recipe, path: str | None = None) -> tuple[Dataset, Spec]:
+    """Open the dataset (headers only) and check model + template, in the driver."""
+    source = open_source(recipe, path)
     spec = Spec.from_recipe(recipe, source.kind)
     tools_for(spec)  # a bad model or template fails here, in the driver, not in a Ray task
     return source, spec

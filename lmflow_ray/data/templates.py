@@ -8,6 +8,7 @@ whole string, so the ids equal what the model's official chat template produces 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,7 +34,8 @@ class Template(Protocol):
 
 @dataclass(frozen=True)
 class Preset:
-    """A chat format as pieces. ``{content}``, ``{bos_token}`` and ``{eos_token}`` are filled in."""
+    """A chat format as pieces. ``{content}``, ``{system}``, ``{bos_token}`` and ``{eos_token}`` are
+    filled in, in one pass over each piece (text filled in is never read as a template)."""
 
     name: str
     user: str
@@ -131,6 +133,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 NAMES = sorted(PRESETS) + ["tokenizer"]
+_PLACEHOLDER = re.compile(r"\{(content|system|bos_token|eos_token)\}")
 
 
 class BoundPreset:
@@ -139,20 +142,27 @@ class BoundPreset:
     def __init__(self, preset: Preset, bos_token: str | None, eos_token: str | None):
         self.name = preset.name
         self.preset = preset
-        self._tokens = {"{bos_token}": bos_token or "", "{eos_token}": eos_token or ""}
+        self._tokens = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
 
-    def _fill(self, piece: str, content: str = "") -> str:
-        for key, value in self._tokens.items():
-            piece = piece.replace(key, value)
-        return piece.replace("{content}", content)  # last: content may itself contain braces
+    def _fill(self, piece: str, content: str = "", system: str = "") -> str:
+        """The piece's placeholders filled in one pass over the piece: what is filled in (user
+        text, a system prompt, a token) is never scanned again, so braces in it stay as they are."""
+        values = {**self._tokens, "content": content, "system": system}
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], piece)
 
     def render(self, conv: dict[str, Any], add_generation_prompt: bool = False) -> Rendered:
         p = self.preset
         if conv.get("tools"):
             raise UserError(f"conversation_template {p.name} does not render tools; use conversation_template: tokenizer")
-        system = conv.get("system") or p.default_system
-        if system and p.system is None and p.system_fold is None:
-            raise UserError(f"conversation_template {p.name} has no place for a system prompt; drop it or pick another template")
+        # Only an absent system prompt (None) means "none" (or the preset's default); an explicit
+        # empty one renders an empty system block, as the official templates do.
+        system = conv.get("system")
+        if system is None:
+            system = p.default_system
+        if system is not None and p.system is None and p.system_fold is None:
+            if system:
+                raise UserError(f"conversation_template {p.name} has no place for a system prompt; drop it or pick another template")
+            system = None  # an empty one has nothing to place
         out: list[str] = [self._fill(p.prefix)]
         spans: list[Span] = []
         size = len(out[0])
@@ -164,7 +174,7 @@ class BoundPreset:
             out.append(text)
             size += len(text)
 
-        if system and p.system is not None:
+        if system is not None and p.system is not None:
             add(self._fill(p.system, system.strip() if "system" in p.strip else system))
         first_user = True
         for msg in conv["messages"]:
@@ -172,13 +182,13 @@ class BoundPreset:
             if role == "tool":
                 raise UserError(f"conversation_template {p.name} has no tool role; use conversation_template: tokenizer")
             if role == "user":
-                fold = first_user and system and p.system_fold is not None
+                fold = first_user and system is not None and p.system_fold is not None
                 if fold and p.fold_then_strip:
-                    content = p.system_fold.replace("{system}", system).replace("{content}", content)
+                    content = self._fill(p.system_fold, content, system)
                 if "user" in p.strip:
                     content = content.strip()
                 if fold and not p.fold_then_strip:
-                    content = p.system_fold.replace("{system}", system).replace("{content}", content)
+                    content = self._fill(p.system_fold, content, system)
                 add(self._fill(p.user, content))
                 first_user = False
             else:
@@ -211,7 +221,8 @@ class TokenizerTemplate:
         )
 
     def render(self, conv: dict[str, Any], add_generation_prompt: bool = False) -> Rendered:
-        head = [{"role": "system", "content": conv["system"]}] if conv.get("system") else []
+        # An explicit empty system prompt goes to the template too: it decides what "" renders.
+        head = [{"role": "system", "content": conv["system"]}] if conv.get("system") is not None else []
         messages = head + list(conv["messages"])
         tools = conv.get("tools")
         text = self._apply(messages, tools, add_generation_prompt)

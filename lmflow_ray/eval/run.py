@@ -143,7 +143,7 @@ def request_rows(recipe: Recipe, kind: str, instances: list[dict[str, Any]]) -> 
     rows = []
     for index, inst in enumerate(instances):
         if kind == "conversation":
-            head = [{"role": "system", "content": inst["system"]}] if inst.get("system") else []
+            head = [{"role": "system", "content": inst["system"]}] if inst.get("system") is not None else []
             request = {"messages": head + inst["messages"][:-1]}
             reference = inst["messages"][-1]["content"]
         else:

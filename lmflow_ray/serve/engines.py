@@ -43,15 +43,25 @@ class Sampling:
     top_p: float = 1.0
     stops: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each sampled token's log-prob and the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+
+# One token's log-probability: (token id, log-prob, [(id, log-prob) of the k most likely]).
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]
 
 
 @dataclass
 class Piece:
-    """New text for one request; the last piece has ``finish_reason`` ('stop' or 'length')."""
+    """New text for one request; the last piece has ``finish_reason`` ('stop' or 'length').
+    With log-probs asked for: those of the tokens sampled since the last piece (eos included), and
+    on the first piece the prompt's (None for its first token)."""
 
     text: str
     finish_reason: str | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class _Job:
@@ -69,13 +79,26 @@ class _Job:
         self.cancelled = False
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.holdback = max((len(s) for s in sampling.stops), default=1) - 1
+        self.entries: list[TokenLogprob] = []  # log-probs of the sampled tokens, when asked for
+        self.entries_sent = 0
+        self.prompt_entries: list[TokenLogprob | None] | None = None
 
     def emit(self, piece: Piece | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, piece)
 
-    def add(self, token: int) -> None:
+    def _attach(self, piece: Piece) -> Piece:
+        if self.sampling.logprobs is not None:
+            piece.logprobs = self.entries[self.entries_sent:]
+            self.entries_sent = len(self.entries)
+        if self.prompt_entries is not None:
+            piece.prompt_logprobs, self.prompt_entries = self.prompt_entries, None
+        return piece
+
+    def add(self, token: int, entry: TokenLogprob | None = None) -> None:
         """Take one sampled token; send what text is now certain; finish on eos, a stop string or the cap."""
         finish = None
+        if entry is not None:
+            self.entries.append(entry)
         if token in self.engine.eos_ids:
             finish = "stop"
         else:
@@ -93,7 +116,7 @@ class _Job:
             while end > self.sent and text[end - 1] == "\ufffd":  # half a multi-byte character
                 end -= 1
         if end > self.sent or finish:
-            self.emit(Piece(text[self.sent:end], finish, len(self.tokens)))
+            self.emit(self._attach(Piece(text[self.sent:end], finish, len(self.tokens))))
             self.sent = max(self.sent, end)
         self.done = finish is not None
 
@@ -127,6 +150,10 @@ class TransformersEngine:
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.device = next(self.model.parameters()).device
+        import inspect
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
         self.template = get_template(conversation_template, self.tokenizer)
         config = self.model.config
         self.context_length = context_length(config, self.tokenizer.model_max_length)
@@ -176,10 +203,13 @@ class TransformersEngine:
             job.cancelled = True  # a client that went away frees its row at the next step
 
     async def complete(self, prompt_ids: list[int], sampling: Sampling, adapter: str | None = None) -> Piece:
-        text, last = [], Piece("")
+        text, entries, prompt_entries, last = [], [], None, Piece("")
         async for last in self.stream(prompt_ids, sampling, adapter):
             text.append(last.text)
-        return Piece("".join(text), last.finish_reason, last.completion_tokens)
+            entries += last.logprobs or []
+            prompt_entries = last.prompt_logprobs or prompt_entries
+        return Piece("".join(text), last.finish_reason, last.completion_tokens,
+                     entries if sampling.logprobs is not None else None, prompt_entries)
 
     # ---- the decode thread --------------------------------------------------------------------
 
@@ -233,11 +263,14 @@ class TransformersEngine:
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
+            keep[0] = True  # the most likely token always stays (a top_p below float precision)
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs, 1, generator=job.generator))
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[_Job]) -> Any:
-        extra = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if self.adapters else {}
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[_Job], all_logits: bool = False) -> Any:
+        extra: dict[str, Any] = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if self.adapters else {}
+        if self.keeps_logits and not all_logits:
+            extra["logits_to_keep"] = 1  # a prefill needs the last position's logits only
         d = self.device
         return self.model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
                           past_key_values=cache, use_cache=True, **extra)
@@ -253,7 +286,8 @@ class TransformersEngine:
             if job.cancelled:
                 job.done = True
             else:
-                job.add(tokens[-1])
+                k = job.sampling.logprobs
+                job.add(tokens[-1], None if k is None else _logprob_entries(logits[row][None], [tokens[-1]], k)[0])
         return tokens
 
     def _join(self, live: list[_Job], batch: "_Batch | None", jobs: list[_Job]) -> tuple[list[_Job], "_Batch"]:
@@ -268,8 +302,14 @@ class TransformersEngine:
         for i, job in enumerate(jobs):  # left padding: every row's next token sits in the last column
             ids[i, width - len(job.prompt):] = torch.tensor(job.prompt)
             mask[i, width - len(job.prompt):] = 1
+        scored = [j.sampling.prompt_logprobs is not None for j in jobs]
         with torch.inference_mode():
-            out = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, jobs)
+            out = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, jobs, all_logits=any(scored))
+            for i, job in enumerate(jobs):
+                if scored[i]:  # column c predicts the token in column c + 1
+                    n = len(job.prompt)
+                    rows = out.logits[i, width - n: width - 1].float().cpu()
+                    job.prompt_entries = [None, *_logprob_entries(rows, job.prompt[1:], job.sampling.prompt_logprobs)]
         tokens = self._take(jobs, out.logits[:, -1, :].float().cpu())
         fresh = _Batch(out.past_key_values, mask, tokens)
         self.can_join = fresh.flexible()
@@ -292,6 +332,20 @@ class TransformersEngine:
         with torch.inference_mode():
             out = self._forward(ids, mask, mask.sum(-1, keepdim=True) - 1, batch.cache, live)
         return live, _Batch(out.past_key_values, mask, self._take(live, out.logits[:, -1, :].float().cpu()))
+
+
+def _logprob_entries(logits: Any, chosen: list[int], k: int) -> list[TokenLogprob]:
+    """Per row of ``logits``: the log-prob of ``chosen[row]`` and the ``k`` most likely tokens'."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp[torch.arange(len(chosen)), torch.tensor(chosen, dtype=torch.long)].tolist()
+    if k > 0:
+        values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [(t, p, top) for t, p, top in zip(chosen, picked, tops)]
 
 
 class _Batch:

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from lmflow_ray.credentials import Secret
 
@@ -33,19 +33,22 @@ def error_body(message: str, *, kind: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
 class _Request(BaseModel):
     # Clients send fields we do not use (user, logit_bias, ...): accept and ignore them, as OpenAI does.
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, description="choices per prompt (at most serve.max_n)")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
 
@@ -82,9 +85,21 @@ class Message(BaseModel):
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_count(self) -> int | None:
+        """None: no log-probs; k >= 0: the chosen token's and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> dict[str, Any]:
         """OpenAI messages -> the dataset's conversation shape (one leading system prompt)."""
@@ -104,42 +119,105 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int]
+    # A string, several strings, a token-id list, or several token-id lists (lm-eval's default).
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     def token_limit(self) -> int | None:
         return self.max_tokens
 
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError("one prompt per request (send several requests; they are batched)")
-            return value[0]
+    def _not_empty(cls, value: Any) -> Any:
         if value == [] or value == "":
             raise ValueError("the prompt is empty")
+        if isinstance(value, list):
+            for i, one in enumerate(value):
+                if one == "" or one == []:
+                    raise ValueError(f"prompt {i} is empty")
         return value
 
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt in the request, in order: each one a string or a token-id list."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
 
-def parse(model: type[BaseModel], raw: bytes) -> Any:
-    """Bytes -> a request, or an APIError(400) that names the first bad field."""
-    from pydantic import ValidationError
+
+def load_json(raw: bytes) -> Any:
+    """A request body's JSON, or an APIError(400): not JSON, nested past what a parser may recurse,
+    numbers too long to convert, NaN / Infinity (not JSON), or text with a lone UTF-16 surrogate
+    (not Unicode: no tokenizer can take it)."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
 
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(raw, parse_constant=no_constants)
+    except RecursionError:
+        raise APIError(400, "the body is not valid JSON here: it is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError, and ints past the digit limit
         raise APIError(400, f"the body is not valid JSON ({err})") from None
+    where = _surrogate(data)
+    if where is not None:
+        raise APIError(400, f"{where or 'the body'}: the text holds a lone UTF-16 surrogate, which is not "
+                            "valid Unicode", param=where or None)
+    return data
+
+
+def _surrogate(data: Any) -> str | None:
+    """The dotted path of the first string (or key) that is not valid Unicode, or None."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                child = f"{path}.{k}" if path else str(k)
+                stack.append((child, k))
+                stack.append((child, v))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value))
+    return None
+
+
+def validate(model: type[BaseModel], data: Any) -> Any:
+    """Parsed JSON -> a request, or an APIError(400) that names the first bad field."""
+    from pydantic import ValidationError
+
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = ".".join(str(p) for p in first["loc"] if not _union_tag(p)) or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
         raise APIError(400, message, param=param) from None
+
+
+def _union_tag(part: Any) -> bool:
+    """Pydantic names the member of a union it tried (``str``, ``list[int]``, ...) in an error's
+    location: not a field."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part.startswith("function-"))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def parse(model: type[BaseModel], raw: bytes) -> Any:
+    """Bytes -> a request, or an APIError(400) that names the first bad field."""
+    return validate(model, load_json(raw))
 
 
 def new_id(prefix: str) -> str:
@@ -185,22 +263,23 @@ class Limits:
     max_n: int = 1
     max_request_bytes: int = 1 << 20
     max_stop_chars: int = 256
+    max_prompts: int = 32
     fill_max_tokens: bool = False  # set max_tokens to the cap when a request leaves it out (vLLM)
 
     @classmethod
     def from_section(cls, section: Any, fill_max_tokens: bool = False) -> "Limits":
         return cls(section.max_new_tokens, section.max_n, section.max_request_bytes, section.max_stop_chars,
-                   fill_max_tokens)
+                   section.max_prompts, fill_max_tokens)
 
 
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+GENERATION_ROUTES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
 OPEN_ROUTES = ("/", "/health")
 
 
 def check_limits(body: Any, limits: Limits) -> Any:
     """A generation request's JSON checked against ``limits`` (APIError 400 for the first field
     past one); returns the body, with max_tokens filled in when ``limits.fill_max_tokens``. Fields
-    of the wrong type are left for the engine's own validation to name."""
+    of the wrong type are left for the request's validation to name."""
     if not isinstance(body, dict):
         return body
     for key in ("max_tokens", "max_completion_tokens"):
@@ -215,6 +294,10 @@ def check_limits(body: Any, limits: Limits) -> Any:
     for stop in [stops] if isinstance(stops, str) else stops if isinstance(stops, list) else []:
         if isinstance(stop, str) and len(stop) > limits.max_stop_chars:
             raise APIError(400, f"stop strings are limited to {limits.max_stop_chars} characters", param="stop")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > limits.max_prompts:
+        raise APIError(400, f"prompt: {len(prompt)} prompts in one request, above this server's cap of "
+                            f"{limits.max_prompts} (serve.max_prompts)", param="prompt")
     if limits.fill_max_tokens and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body = {**body, "max_tokens": limits.max_new_tokens}
     return body
@@ -229,20 +312,26 @@ def route_of(scope: dict) -> str:
     return path or "/"
 
 
+REQUEST_STATE = "lmflow_ray_request"  # where the guard leaves the validated request (request.state)
+
+
 class Guard:
     """ASGI middleware in front of every route but the page at ``/`` and ``/health``:
 
     * a body over ``max_request_bytes`` gets 413 (by its Content-Length, or counted as it arrives);
     * with an API key set, a request without ``Authorization: Bearer KEY`` gets 401;
-    * generation requests past the limits (max_tokens, n, stop length) get 400;
+    * a generation request is parsed and validated here, for every engine alike: bad JSON, a bad
+      field, values past the limits (max_tokens, n, stop length, prompts) get 400 naming the field,
+      and a model that is not served gets 404; the validated request is left in the scope's state;
     * at most ``limit`` requests run at once in this replica; one more gets 503 with Retry-After
       at once, instead of waiting in a queue that has no bound.
     """
 
     def __init__(self, app: Any, api_key: Secret | str | None, limit: int, limits: Limits | None = None,
-                 retry_after_s: int = 1):
+                 retry_after_s: int = 1, models: Any = None):
         self.app, self.api_key, self.limit, self.retry_after_s = app, api_key, limit, retry_after_s
         self.limits = limits or Limits()
+        self.models = models  # a function -> the served names, or None (not checked here)
         self.in_flight = 0
 
     async def _key(self) -> str | None:
@@ -265,34 +354,45 @@ class Guard:
                 "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
                 code="invalid_api_key"), {"WWW-Authenticate": "Bearer"})
         if self.in_flight >= self.limit:
-            return await send_json(send, 503, error_body(
-                f"the server is at its limit of {self.limit} concurrent requests; retry shortly",
-                kind="server_overloaded", code="overloaded"), {"Retry-After": str(self.retry_after_s)})
+            return await send_json(send, 503, overloaded_body(self.limit), {"Retry-After": str(self.retry_after_s)})
         self.in_flight += 1
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await _read_body(receive, self.limits.max_request_bytes)
                 if body is None:
                     return await self._too_large(send)
-                if scope["method"] == "POST" and route in GENERATION_ROUTES:
+                schema = GENERATION_ROUTES.get(route) if scope["method"] == "POST" else None
+                if schema is not None:
                     try:
-                        parsed = json.loads(body)
+                        parsed = load_json(body)
                         checked = check_limits(parsed, self.limits)
+                        request = validate(schema, checked)
+                        self._check_model(request.model)
                     except APIError as err:
                         return await send_json(send, err.status, err.body(), err.headers)
-                    except ValueError:  # not JSON: the route's own parser answers 400
-                        parsed = checked = None
                     if checked is not parsed:  # max_tokens filled in
                         body = json.dumps(checked).encode()
+                    scope = {**scope, "state": {**scope.get("state", {}), REQUEST_STATE: request}}
                 scope, receive = _with_body(scope, receive, body)
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
 
+    def _check_model(self, model: str) -> None:
+        names = self.models() if self.models is not None else None
+        if names is not None and model not in names:
+            raise APIError(404, f"the model {model!r} does not exist here; served: {', '.join(names)}",
+                           param="model", code="model_not_found")
+
     async def _too_large(self, send: Any) -> None:
         await send_json(send, 413, error_body(
             f"the request body is over this server's limit of {self.limits.max_request_bytes} bytes "
             "(serve.max_request_bytes)", code="request_too_large"))
+
+
+def overloaded_body(limit: int | None = None) -> dict[str, Any]:
+    what = f"its limit of {limit} concurrent requests" if limit else "capacity"
+    return error_body(f"the server is at {what}; retry shortly", kind="server_overloaded", code="overloaded")
 
 
 async def _read_body(receive: Any, limit: int) -> bytes | None:
@@ -326,3 +426,68 @@ def _with_body(scope: dict, receive: Any, body: bytes) -> tuple[dict, Any]:
         return await receive()
 
     return {**scope, "headers": headers}, replay
+
+
+# ---- the OpenAPI document ------------------------------------------------------------------------
+
+def openapi_document(limits: Limits, models: list[str], title: str = "lmflow-ray") -> dict[str, Any]:
+    """The OpenAPI 3.1 description of what this server answers, with the request schemas the
+    guard validates and this server's own caps (max_tokens, n, prompts) and model names in them."""
+    components: dict[str, Any] = {"ErrorBody": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}
+
+    def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        props = schema["properties"]
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in props:
+                _bound(props[key], "maximum", limits.max_new_tokens)
+        _bound(props["n"], "maximum", limits.max_n)
+        props["model"] = {"type": "string", "enum": list(models)} if models else props["model"]
+        if "prompt" in props:
+            for option in props["prompt"]["anyOf"]:
+                if option.get("type") == "array":
+                    option.update(minItems=1, maxItems=limits.max_prompts)
+        components[model.__name__] = schema
+        return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+    errors = {str(code): {"description": why, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+        for code, why in [(400, "a bad request (the field is named)"), (401, "no or a wrong API key"),
+                          (404, "a model that is not served"), (413, "the body is too large"),
+                          (503, "at the concurrency limit (Retry-After)")]}
+
+    def generation(model: type[BaseModel], summary: str) -> dict[str, Any]:
+        return {"post": {"summary": summary, "security": [{"bearer": []}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": schema_of(model)}}},
+                         "responses": {"200": {"description": "the completion, or server-sent events when stream is true",
+                                               "content": {"application/json": {"schema": {"type": "object"}},
+                                                           "text/event-stream": {"schema": {"type": "string"}}}},
+                                       **errors}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1", "description": "The OpenAI-compatible API of an lmflow-ray server."},
+        "paths": {
+            "/v1/chat/completions": generation(ChatRequest, "Chat completion"),
+            "/v1/completions": generation(CompletionRequest, "Text completion"),
+            "/v1/models": {"get": {"summary": "The served models", "security": [{"bearer": []}],
+                                   "responses": {"200": {"description": "the model list",
+                                                         "content": {"application/json": {"schema": {"type": "object"}}}},
+                                                 "401": errors["401"]}}},
+            "/health": {"get": {"summary": "Liveness (no key needed)", "responses": {"200": {
+                "description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def _bound(prop: dict[str, Any], key: str, value: int) -> None:
+    """Put a bound on a field's integer schema (directly, or the integer member of an anyOf)."""
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") == "integer":
+            option[key] = value

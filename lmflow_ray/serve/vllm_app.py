@@ -100,7 +100,8 @@ def _served_app(section: Any, found: model_sources.Sources) -> Any:
     docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in docs]
     app.openapi_url = app.docs_url = app.redoc_url = None
-    return front(section, lambda: {"engine": "vllm", "models": found.names()}, app=app, fill_max_tokens=True)
+    return front(section, lambda: {"engine": "vllm", "models": found.names()}, found.names(), app=app,
+                 fill_max_tokens=True)
 
 
 def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:

@@ -138,6 +138,15 @@ class TensorBoard:
 
 def plot_loss(history: list[dict[str, Any]], path: str | Path) -> None:
     """loss.png: training loss (and learning rate) against step."""
+    fig = loss_figure(history)  # first: it picks the Agg backend before pyplot loads
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def loss_figure(history: list[dict[str, Any]]):
+    """The figure of loss.png (laid out, not saved); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,10 +161,11 @@ def plot_loss(history: list[dict[str, Any]], path: str | Path) -> None:
     lr = ax.twinx()
     lr.plot([h["step"] for h in rows], [h.get("learning_rate", 0) for h in rows], color="tab:orange", alpha=0.6, label="learning rate")
     lr.set_ylabel("learning rate")
-    fig.legend(loc="upper right")
+    # One legend for both axes, above the plot: never over the curves, either axis or its label.
+    handles = ax.get_legend_handles_labels()[0] + lr.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(handles), frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str:

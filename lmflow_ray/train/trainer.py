@@ -16,7 +16,7 @@ from typing import Any
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
-from lmflow_ray.data.pipeline import build_dataset
+from lmflow_ray.data.pipeline import build_dataset, open_source
 from lmflow_ray.errors import UserError
 from lmflow_ray.lease import LEASE, Lease
 from lmflow_ray.storage import S3Options
@@ -58,6 +58,28 @@ def check_method(recipe: Recipe, world: int) -> None:
     if recipe.model.use_qlora and stage == 3:
         raise UserError(f"model.use_qlora: a quantized base cannot be partitioned by ZeRO-3 ({recipe.train.deepspeed!r}); "
                         "use zero2 or DDP")
+
+
+# The dataset types supervised fine-tuning learns from (each renders to one text with trained spans).
+SFT_TYPES = ("text_only", "text2text", "conversation")
+
+
+def check_data(recipe: Recipe) -> None:
+    """The dataset's type must suit the objective, found from the file headers before a cluster starts
+    (not as a KeyError on a worker): SFT learns from text, text2text and conversations."""
+    source = open_source(recipe)
+    if source.kind == "paired_conversation":
+        raise UserError(
+            f"data.dataset_path {source.uri}: a paired_conversation dataset (chosen / rejected pairs) needs a "
+            "preference objective (a reward model or DPO), which lmflow-ray does not have yet; `lmflow-ray "
+            f"train` does supervised fine-tuning on {', '.join(SFT_TYPES)} data")
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything about a recipe that can be refused without Ray, before a cluster starts: the method
+    with its DeepSpeed config, and the dataset's type. Needs no Ray (call it before connecting)."""
+    check_method(recipe, recipe.train.num_workers)
+    check_data(recipe)
 
 
 def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool, say) -> storage.CheckpointInfo | None:
@@ -107,7 +129,7 @@ def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print
     s3 = S3Options.resolve(recipe.storage)
     run_name = recipe.storage.run_name or unique_run_name(name_prefix)
     run_uri = run_folder(recipe, run_name)
-    check_method(recipe, recipe.train.num_workers)
+    preflight(recipe)
     held = lease or Lease(run_uri, s3).acquire(say)
     try:
         result = _run(recipe, run_name, run_uri, s3, fresh, say, progress)
