@@ -292,78 +292,21 @@ def _choice_items(plain, n=6):
     return items
 
 
-LM_EVAL_TASKS = {
-    "lmflow_mc": """task: lmflow_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: question
-doc_to_choice: options
-doc_to_target: gold
-metric_list:
-  - metric: acc
-""",
-    "lmflow_gen": """task: lmflow_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: prompt
-doc_to_target: answer
-target_delimiter: ""
-generation_kwargs:
-  until: ["<|im_end|>"]
-  max_gen_toks: {new_tokens}
-metric_list:
-  - metric: exact_match
-""",
-}
-
-
 def _lm_eval_agrees(url, tiny_model_dir, plain, items, ours, chat_data, folder_result, tmp_path):
-    """lm-eval (local-completions: token-id prompts, 4 to a request) over two local JSONL tasks."""
-    import subprocess
-    import sys
+    from clients import run_lm_eval
 
     _, tok = plain
-    tasks = tmp_path / "lm-eval-tasks"
-    tasks.mkdir()
-    mc = tasks / "mc.jsonl"
-    mc.write_text("".join(json.dumps({"question": q, "options": o, "gold": g}) + "\n" for q, o, g in items))
     chats = json.loads((chat_data / "data.json").read_text())["instances"]
-    gen = tasks / "gen.jsonl"
-    gen.write_text("".join(json.dumps({"prompt": _chat_prompt(tok, c["messages"][0]["content"]),
-                                       "answer": c["messages"][1]["content"]}) + "\n" for c in chats))
-    for name, data in [("lmflow_mc", mc), ("lmflow_gen", gen)]:
-        (tasks / f"{name}.yaml").write_text(LM_EVAL_TASKS[name].format(data=data, new_tokens=NEW_TOKENS))
-    out = tmp_path / "lm-eval-out"
-    args = [str(Path(sys.executable).parent / "lm_eval"), "--model", "local-completions", "--model_args",
-            f"base_url={url}/v1/completions,model=tiny,tokenizer_backend=huggingface,tokenizer={tiny_model_dir},"
-            "num_concurrent=1,max_retries=1", "--tasks", "lmflow_mc,lmflow_gen", "--include_path", str(tasks),
-            "--batch_size", "4", "--output_path", str(out), "--log_samples"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    gen = [(_chat_prompt(tok, c["messages"][0]["content"]), c["messages"][1]["content"]) for c in chats]
+    got = run_lm_eval(url, "tiny", tiny_model_dir, tmp_path / "lm-eval", items, gen, NEW_TOKENS, "<|im_end|>")
 
     # Multiple choice: lm-eval's acc is eval's acc_loglik on the same items, item by item.
-    assert results["lmflow_mc"]["acc,none"] == ours.metrics["acc_loglik"] == 0.5
-    samples = sorted((json.loads(line) for line in next(out.rglob("samples_lmflow_mc_*.jsonl")).read_text().splitlines()),
-                     key=lambda s: s["doc_id"])
-    for sample, mine in zip(samples, ours.predictions):
-        theirs = [float(r[0][0]) for r in sample["resps"]]  # lm-eval logs them as strings
+    assert got["results"]["lmflow_mc"]["acc,none"] == ours.metrics["acc_loglik"] == 0.5
+    for theirs, mine in zip(got["mc"], ours.predictions):
         assert max(abs(a - b) for a, b in zip(theirs, mine["option_logprobs"])) < 1e-3, (theirs, mine)
-
     # generate_until: the same greedy answers as eval of the folder (its stop: the end of turn).
-    answers = sorted((json.loads(line) for line in next(out.rglob("samples_lmflow_gen_*.jsonl")).read_text().splitlines()),
-                     key=lambda s: s["doc_id"])
-    assert [a["filtered_resps"][0].strip() for a in answers] == [p["prediction"] for p in folder_result.predictions]
-    assert results["lmflow_gen"]["exact_match,none"] == folder_result.metrics["acc"] == 0.5
+    assert [a.strip() for a in got["gen"]] == [p["prediction"] for p in folder_result.predictions]
+    assert got["results"]["lmflow_gen"]["exact_match,none"] == folder_result.metrics["acc"] == 0.5
 
 
 def test_bad_eval_requests_exit_2_naming_the_problem(repo_python, tiny_model_dir, tmp_path):

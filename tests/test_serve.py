@@ -391,24 +391,10 @@ def test_two_hundred_concurrent_streams_end_in_200_or_a_json_503_and_the_server_
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
-def run_schemathesis(base_url: str, key: str, report: Path, max_examples: int) -> dict:
-    """schemathesis against the server's own /openapi.json, checking only "not a server error";
-    returns its JSON report (the test cases it sent and what failed)."""
-    import subprocess
-    import sys
-
-    cli = str(Path(sys.executable).parent / "schemathesis")
-    cmd = [cli, "run", f"{base_url}/openapi.json", "--url", base_url, "-H", f"Authorization: Bearer {key}",
-           "--checks", "not_a_server_error", "--max-examples", str(max_examples), "--seed", "7", "--workers", "1",
-           "--generation-database", "none", "--request-timeout", "120", "--no-color", "--phases", "coverage,fuzzing",
-           "--report", "json", "--report-json-path", str(report)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    return json.loads(report.read_text())
-
-
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error(served, tmp_path):
+    from clients import run_schemathesis
+
     result = run_schemathesis(served, KEY, tmp_path / "schemathesis.json", max_examples=30)
     cases = {op: sum(n for phase in rates.values() for n in phase.values()) for op, rates in result["valid_rates"].items()}
     assert cases["POST /v1/chat/completions"] >= 30 and cases["POST /v1/completions"] >= 30, cases

@@ -25,7 +25,8 @@ def page() -> str:
     return resources.files("lmflow_ray.serve").joinpath("webchat.html").read_text()
 
 
-def front(section: ServeSection, describe: Any, models: list[str], app: Any = None, fill_max_tokens: bool = False) -> Any:
+def front(section: ServeSection, describe: Any, models: list[str], app: Any = None, fill_max_tokens: bool = False,
+          no_prompt_logprobs: str | None = None) -> Any:
     """The FastAPI app (a new one, or ``app``) with the guard, error bodies in OpenAI's shape,
     the page at `/`, /health and /openapi.json. With an API key set, /health says "ok" and nothing
     more. ``models``: the served names (others get 404 in the guard, on every engine)."""
@@ -37,7 +38,7 @@ def front(section: ServeSection, describe: Any, models: list[str], app: Any = No
     if app is None:
         app = FastAPI(title="lmflow-ray", docs_url=None, redoc_url=None, openapi_url=None)
     key = api_key(section)
-    limits = Limits.from_section(section, fill_max_tokens)
+    limits = Limits.from_section(section, fill_max_tokens, no_prompt_logprobs)
     names = list(models)
     app.add_middleware(Guard, api_key=key, limit=section.max_ongoing_requests, limits=limits, models=lambda: names)
     if section.cors_allow_origins:  # outside the guard: a browser's preflight carries no key

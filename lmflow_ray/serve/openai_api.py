@@ -265,11 +265,12 @@ class Limits:
     max_stop_chars: int = 256
     max_prompts: int = 32
     fill_max_tokens: bool = False  # set max_tokens to the cap when a request leaves it out (vLLM)
+    no_prompt_logprobs: str | None = None  # why prompt log-probs cannot be given here, if they cannot
 
     @classmethod
-    def from_section(cls, section: Any, fill_max_tokens: bool = False) -> "Limits":
+    def from_section(cls, section: Any, fill_max_tokens: bool = False, no_prompt_logprobs: str | None = None) -> "Limits":
         return cls(section.max_new_tokens, section.max_n, section.max_request_bytes, section.max_stop_chars,
-                   section.max_prompts, fill_max_tokens)
+                   section.max_prompts, fill_max_tokens, no_prompt_logprobs)
 
 
 GENERATION_ROUTES = {"/v1/chat/completions": ChatRequest, "/v1/completions": CompletionRequest}
@@ -298,6 +299,11 @@ def check_limits(body: Any, limits: Limits) -> Any:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > limits.max_prompts:
         raise APIError(400, f"prompt: {len(prompt)} prompts in one request, above this server's cap of "
                             f"{limits.max_prompts} (serve.max_prompts)", param="prompt")
+    if limits.no_prompt_logprobs:
+        if body.get("prompt_logprobs") is not None:  # vLLM's own field
+            raise APIError(400, f"prompt_logprobs: {limits.no_prompt_logprobs}", param="prompt_logprobs")
+        if body.get("echo") is True and body.get("logprobs") not in (None, False):
+            raise APIError(400, f"echo with logprobs: {limits.no_prompt_logprobs}", param="echo")
     if limits.fill_max_tokens and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body = {**body, "max_tokens": limits.max_new_tokens}
     return body

