@@ -160,12 +160,13 @@ def main() -> None:
         from ray import serve
 
         from lmflow_ray.ray_init import connect
+        from lmflow_ray.serve.front import start_serve
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         connect(num_cpus=4)  # logical CPUs: the replica takes 1, the proxy and controller the rest
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         for engine in served_engines:
             rows += served(engine, f"http://127.0.0.1:{port}", conversations, args.max_tokens)
         serve.shutdown()

@@ -31,6 +31,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 
     kwargs = dict(runtime_env=_runtime_env(), log_to_driver=False, logging_level="ERROR")
     if address:
+        if on_loopback(address):
+            # Ray would take this machine's external address as the driver's own and look for the
+            # cluster there (it hangs): a cluster on loopback is joined from loopback.
+            kwargs["_node_ip_address"] = "127.0.0.1"
         ray.init(address=address, **kwargs)
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -42,6 +46,21 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             **kwargs,
         )
     publish_pending()  # credentials read before Ray started (a Serve app built first) reach the cluster
+
+
+def on_loopback(address: str) -> bool:
+    """Whether a GCS address (``HOST:PORT``, not ``ray://`` or ``auto``) names this machine's loopback."""
+    import ipaddress
+
+    if "://" in address or ":" not in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _runtime_env() -> dict | None:

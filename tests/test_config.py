@@ -92,3 +92,13 @@ def test_every_shipped_recipe_loads_and_its_method_can_run():
         check_method(recipe, recipe.train.num_workers)
         methods.add(recipe.method)
     assert methods == {"full", "lora", "qlora", "lisa"}
+
+
+@pytest.mark.parametrize("address,loopback", [
+    ("127.0.0.1:6379", True), ("localhost:6379", True), ("127.0.1.1:6380", True), ("[::1]:6379", True),
+    ("10.0.0.5:6379", False), ("head.svc:6379", False), ("ray://127.0.0.1:10001", False), ("auto", False),
+])
+def test_a_loopback_gcs_address_is_joined_from_loopback(address, loopback):
+    from lmflow_ray.ray_init import on_loopback
+
+    assert on_loopback(address) is loopback

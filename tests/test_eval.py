@@ -122,7 +122,9 @@ def test_folder_eval_accuracy_nll_and_files(ray_local, tiny_model_dir, chat_set,
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".lmflow-ray-tmp-")]  # nothing half-written left
 
 
-@pytest.mark.parametrize("answer_type", ["multiple_choice", "binary_choice", "pubmedqa"])
+# multiple_choice (options listed or read from "(A) ..." lines) is checked with lm-eval in
+# test_a_served_endpoint_gives_the_same_answers_as_the_folder, item by item.
+@pytest.mark.parametrize("answer_type", ["binary_choice", "pubmedqa"])
 def test_choice_questions_are_scored_by_option_likelihood(ray_local, tiny_model_dir, plain, answer_type, tmp_path):
     """text2text questions with options (listed, or read from "(A) ..." lines); the reference is
     the most likely option for even items and another for odd ones: acc_loglik is exactly 1/2."""
@@ -252,8 +254,9 @@ def test_a_served_endpoint_gives_the_same_answers_as_the_folder(ray_local, tiny_
     data, _ = chat_set
     folder = evaluate_quiet(_recipe(tiny_model_dir, data, tmp_path / "folder"))
     items = _choice_items(plain)  # scored on the folder before the replica takes a CPU
-    choices = _write(tmp_path / "choice", "text2text", [{"input": q, "output": f"({chr(65 + g)})", "options": o}
-                                                        for q, o, g in items])
+    # Options listed for every third question, read from its "(A) ..." lines for the others.
+    choices = _write(tmp_path / "choice", "text2text", [{"input": q, "output": f"({chr(65 + g)})", **({"options": o} if i % 3 == 0 else {})}
+                                                        for i, (q, o, g) in enumerate(items)])
     by_loglik = evaluate_quiet(_recipe(tiny_model_dir, choices, tmp_path / "choice-out", "answer_type=multiple_choice"))
     port = free_ports(1)[0]
     app = build_app(load_recipe(None, [f"model_name_or_path={tiny_model_dir}", "engine=transformers",
@@ -302,8 +305,13 @@ def _lm_eval_agrees(url, tiny_model_dir, plain, items, ours, chat_data, folder_r
 
     # Multiple choice: lm-eval's acc is eval's acc_loglik on the same items, item by item.
     assert got["results"]["lmflow_mc"]["acc,none"] == ours.metrics["acc_loglik"] == 0.5
+    assert [p["loglik_correct"] for p in ours.predictions] == [i % 2 == 0 for i in range(len(items))]
     for theirs, mine in zip(got["mc"], ours.predictions):
         assert max(abs(a - b) for a, b in zip(theirs, mine["option_logprobs"])) < 1e-3, (theirs, mine)
+    from lmflow_ray.eval.metrics import judge  # the generated answers are judged too, as letters or text
+
+    for p, (_, options, gold) in zip(ours.predictions, items):
+        assert p["correct"] == judge("multiple_choice", p["prediction"], f"({chr(65 + gold)})", options)
     # generate_until: the same greedy answers as eval of the folder (its stop: the end of turn).
     assert [a.strip() for a in got["gen"]] == [p["prediction"] for p in folder_result.predictions]
     assert got["results"]["lmflow_gen"]["exact_match,none"] == folder_result.metrics["acc"] == 0.5

@@ -1,5 +1,6 @@
-"""`ray job submit -- lmflow-ray train`, then `-- lmflow-ray serve --detach`, against a `ray start
---head` cluster on loopback, as the README shows it, with checkpoints going to the SeaweedFS S3
+"""`ray job submit -- lmflow-ray train`, then `lmflow-ray train --address` and `lmflow-ray serve
+--address --detach` straight from a shell, against a `ray start --head` cluster on loopback, as the
+README shows it, with checkpoints going to the SeaweedFS S3
 server and the credentials in the nodes' environment (as a KubeRay Secret puts them). Afterwards no
 credential shows anywhere: the dashboard's and state API's answers, Ray's log files, the run folder."""
 
@@ -55,7 +56,7 @@ def head_cluster(tmp_path, s3_server):
         time.sleep(2)
     else:
         pytest.fail("the Ray head's job server did not come up")
-    yield address, env, temp
+    yield address, env, temp, f"127.0.0.1:{gcs}"
     os.killpg(proc.pid, signal.SIGTERM)
     try:  # `ray start --block` sits out SIGTERM for about 30 s; its state is thrown away anyway
         proc.wait(timeout=5)
@@ -66,6 +67,19 @@ def head_cluster(tmp_path, s3_server):
             p.kill()
     log.close()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _external_ip():
+    """The address Ray would pick for this machine (the one it must not be sent to here)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet leaves: only picks the outgoing interface
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
 
 
 def _submit(address, env, *command, timeout=600):
@@ -84,19 +98,35 @@ def test_ray_job_submit_trains_into_s3_serves_and_shows_no_credential(head_clust
 
     from lmflow_ray import storage
 
-    address, env, temp = head_cluster
+    address, env, temp, gcs = head_cluster
     out = _submit(address, env, "lmflow-ray", "train", "jobs/finetune_lora.yaml", f"model_name_or_path={tiny_model_dir}",
                   "conversation_template=chatml", "block_size=256", "max_steps=2", "save_steps=2",
                   "per_device_train_batch_size=2", "run_name=from-job", "output_model_path=s3://lmflow-jobs/runs")
     assert "final model:  s3://lmflow-jobs/runs/from-job/checkpoint_000002/hf" in out
     s3 = S3Options(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
+    assert [(c.step, c.complete) for c in list_checkpoints("s3://lmflow-jobs/runs/from-job", s3)] == [(2, True)]
+
+    # The same cluster joined straight from a shell with --address (its GCS on loopback): the run
+    # resumes at step 2 and trains one more, then the checkpoint is served, detached.
+    external = _external_ip()
+    direct = subprocess.run([str(BIN / "lmflow-ray"), "train", "jobs/finetune_lora.yaml", "--address", gcs,
+                             f"model_name_or_path={tiny_model_dir}", "conversation_template=chatml", "block_size=256",
+                             "max_steps=3", "save_steps=2", "per_device_train_batch_size=2", "run_name=from-job",
+                             "output_model_path=s3://lmflow-jobs/runs"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=400)
+    assert direct.returncode == 0, (direct.stdout + direct.stderr)[-4000:]
+    assert "final model:  s3://lmflow-jobs/runs/from-job/checkpoint_000003/hf" in direct.stdout
     checkpoints = list_checkpoints("s3://lmflow-jobs/runs/from-job", s3)
-    assert [(c.step, c.complete) for c in checkpoints] == [(2, True)]
+    assert [(c.step, c.complete) for c in checkpoints] == [(2, True), (3, True)]
 
     port = free_ports(1)[0]
-    _submit(address, env, "lmflow-ray", "serve", "jobs/serve_checkpoint.yaml", "--detach", "engine=transformers",
-            "model_name_or_path=s3://lmflow-jobs/runs/from-job", "served_model_name=tiny", f"port={port}",
-            "max_new_tokens=8", timeout=300)
+    served = subprocess.run([str(BIN / "lmflow-ray"), "serve", "jobs/serve_checkpoint.yaml", "--address", gcs, "--detach",
+                             "engine=transformers", "model_name_or_path=s3://lmflow-jobs/runs/from-job",
+                             "served_model_name=tiny", f"port={port}", "max_new_tokens=8"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, (served.stdout + served.stderr)[-4000:]
+    for said in (direct, served):  # nothing tried the machine's external address
+        assert external is None or external not in said.stdout + said.stderr
     url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=2)
     assert [m.id for m in client.models.list()] == ["tiny", "tiny:from-job"]

@@ -111,15 +111,18 @@ def test_braces_in_system_and_messages_render_literally(name, system):
         assert rendered.text[a:b].strip().startswith(reply)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(PRESETS) + ["tokenizer"])
 def test_generation_prompt_matches_official(name):
-    tok = official(name)
+    tok = official(name if name != "tokenizer" else "chatml")
     messages = [{"role": "system", "content": SYSTEM}] if not name.startswith("empty") else []
     messages = messages + TURNS[:3]
     expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     conv = {"system": messages[0]["content"] if messages[0]["role"] == "system" else None,
             "messages": [m for m in messages if m["role"] != "system"]}
-    assert get_template(name, tok).render(conv, add_generation_prompt=True).text == expected
+    template = get_template(name, tok)
+    assert template.render(conv, add_generation_prompt=True).text == expected
+    # What serving renders: the text alone, without the per-prefix renders that find the spans.
+    assert template.render(conv, add_generation_prompt=True, spans=False) == type(template.render(conv))(expected)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS) + ["tokenizer"])

@@ -1,6 +1,7 @@
 """Training end to end on the session's real Ray cluster and the real SeaweedFS S3 server:
 LoRA + ZeRO-2 resume/export/merge, full + ZeRO-3 offload resume, a killed worker, ray job submit."""
 
+import io
 import os
 import signal
 import threading
@@ -31,11 +32,22 @@ def s3_keys(server):
             f"aws_secret_access_key={server.secret_key}"]
 
 
+def _tied_copy(model_dir, out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, tie_word_embeddings=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_model_dir, orders, tmp_path, repo_python):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = recipe(tiny_model_dir, orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "use_lora=true", "lora_r=4",
+    tied = _tied_copy(tiny_model_dir, tmp_path / "tied")  # as SmolLM2: lm_head is the embedding
+    base = recipe(tied, orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "use_lora=true", "lora_r=4",
                   "lora_target_modules=q_proj,v_proj", "deepspeed=zero2", "save_steps=2", "run_name=lora")
     s3 = S3Options.resolve(base.storage)
     first = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 4})}))
@@ -46,6 +58,12 @@ def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_
     assert (manifest["world_size"], manifest["zero_stage"], manifest["method"]) == (2, 2, "lora")
     assert {"hf/adapter_model.safetensors", "hf/adapter_config.json", "hf/tokenizer.json", "rng/rank1.pt",
             "deepspeed/step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])
+
+    # A LoRA checkpoint holds no frozen weight, tied ones (lm_head = embed_tokens) included.
+    fs, path = filesystem(join(checkpoints[-1].uri, "deepspeed/step_4/mp_rank_00_model_states.pt"), s3)
+    with fs.open_input_stream(path) as f:
+        module = torch.load(io.BytesIO(f.read()), weights_only=False)["module"]
+    assert module and all("lora_" in k for k in module), sorted(k for k in module if "lora_" not in k)[:5]
 
     second = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 6})}))
     assert (second.steps, second.resumed_from, second.metrics["step"]) == (6, 4, 6)
@@ -62,7 +80,7 @@ def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_
     assert "aws_secret_access_key: null" in saved and s3_server.secret_key not in saved  # keys came from the recipe
 
     adapter = local_model_folder(second.run_uri, tmp_path / "adapter", s3)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tied), adapter).eval()
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained away from peft's zero init
     ids = torch.tensor([[3, 10, 20, 30]])

@@ -29,7 +29,7 @@ class Rendered:
 class Template(Protocol):
     name: str
 
-    def render(self, conv: dict[str, Any], add_generation_prompt: bool = False) -> Rendered: ...
+    def render(self, conv: dict[str, Any], add_generation_prompt: bool = False, spans: bool = True) -> Rendered: ...
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class BoundPreset:
         values = {**self._tokens, "content": content, "system": system}
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], piece)
 
-    def render(self, conv: dict[str, Any], add_generation_prompt: bool = False) -> Rendered:
+    def render(self, conv: dict[str, Any], add_generation_prompt: bool = False, spans: bool = True) -> Rendered:
         p = self.preset
         if conv.get("tools"):
             raise UserError(f"conversation_template {p.name} does not render tools; use conversation_template: tokenizer")
@@ -164,13 +164,13 @@ class BoundPreset:
                 raise UserError(f"conversation_template {p.name} has no place for a system prompt; drop it or pick another template")
             system = None  # an empty one has nothing to place
         out: list[str] = [self._fill(p.prefix)]
-        spans: list[Span] = []
+        marked: list[Span] = []
         size = len(out[0])
 
         def add(text: str, trained: bool = False) -> None:
             nonlocal size
             if trained:
-                spans.append((size, size + len(text)))
+                marked.append((size, size + len(text)))
             out.append(text)
             size += len(text)
 
@@ -198,7 +198,7 @@ class BoundPreset:
                 add(self._fill(p.assistant, content), trained=True)
                 add(self._fill(p.assistant_suffix))
         add(self._fill(p.assistant_prefix if add_generation_prompt else p.suffix))
-        return Rendered("".join(out), spans)
+        return Rendered("".join(out), marked if spans else [])
 
 
 class TokenizerTemplate:
@@ -220,13 +220,15 @@ class TokenizerTemplate:
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def render(self, conv: dict[str, Any], add_generation_prompt: bool = False) -> Rendered:
+    def render(self, conv: dict[str, Any], add_generation_prompt: bool = False, spans: bool = True) -> Rendered:
         # An explicit empty system prompt goes to the template too: it decides what "" renders.
         head = [{"role": "system", "content": conv["system"]}] if conv.get("system") is not None else []
         messages = head + list(conv["messages"])
         tools = conv.get("tools")
         text = self._apply(messages, tools, add_generation_prompt)
-        spans: list[Span] = []
+        if not spans:  # inference: the text alone (finding spans renders every prefix again)
+            return Rendered(text)
+        found: list[Span] = []
         for i, msg in enumerate(messages):
             if msg["role"] != "assistant":
                 continue
@@ -240,8 +242,8 @@ class TokenizerTemplate:
             end = _common_prefix(text, upto)
             while end > len(before) and text[end - 1].isspace():
                 end -= 1
-            spans.append((len(before), end))
-        return Rendered(text, spans)
+            found.append((len(before), end))
+        return Rendered(text, found)
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -438,8 +438,10 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | st
         f"with {shown}, {workers} worker(s)")
     # One block per batch: a block split into a batch and a remainder would run two short batches.
     ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / section.inference_batch_size_per_device))
+    # max_restarts=0: a scorer that dies fails the eval with its cause (a restarted one would need its
+    # constructor arguments from the object store; Ray warns of that once per pool, which reads as an error).
     ds = ds.map_batches(stage, fn_constructor_kwargs=stage_args, batch_size=section.inference_batch_size_per_device,
-                        concurrency=workers, batch_format="numpy", **resources)
+                        concurrency=workers, batch_format="numpy", max_restarts=0, **resources)
     outputs = _collect(ds, len(rows), say, "eval")
     values, correct, tokens, records = aggregate(recipe, rows, outputs)
     result = EvalResult(

@@ -182,7 +182,7 @@ class TransformersEngine:
     # ---- the API side (event loop) ----------------------------------------------------------
 
     def encode_chat(self, conversation: dict[str, Any]) -> list[int]:
-        text = self.template.render(conversation, add_generation_prompt=True).text
+        text = self.template.render(conversation, add_generation_prompt=True, spans=False).text
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def encode_text(self, text: str) -> list[int]:

@@ -164,7 +164,23 @@ class DeepSpeedStrategy:
 
     def save(self, folder: str, tag: str) -> None:
         # LoRA: the frozen base is re-read from model_name_or_path; only adapter + optimizer saved.
-        self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=tag, exclude_frozen_parameters=self.lora)
+        if not self.lora:
+            self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=tag)
+            return
+        # DeepSpeed drops frozen weights by named_parameters(), which names a tied weight once: the
+        # tied lm_head (the size of the embedding) stayed in every LoRA checkpoint. Drop every name.
+        frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        whole = self.engine.module_state_dict
+
+        def trainable_only(*args: Any, **kwargs: Any) -> dict:
+            state = whole(*args, **kwargs)
+            return {k: v for k, v in state.items() if k not in frozen}
+
+        self.engine.module_state_dict = trainable_only
+        try:
+            self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag=tag, exclude_frozen_parameters=True)
+        finally:
+            del self.engine.module_state_dict  # the class's own again
 
     def load(self, folder: str) -> None:
         # DeepSpeed loads its own files with torch.load(weights_only=False), pickles that can run code:

@@ -120,7 +120,6 @@ def train_loop(config: dict[str, Any]) -> None:
                                  strategy.optimizer_bytes())
         if watch is not None:
             metrics.update(lisa_metrics(watch, strategy, lisa, world))
-        meter.reset()
         state["log_history"].append(metrics)
         if tb is not None:
             tb.log(metrics, state["step"])
@@ -130,6 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
             save_checkpoint(strategy, tokenizer, recipe, plan, state, metrics, rank, world, tb, run_uri, s3)
         else:
             ray.train.report(metrics)
+        meter.reset()  # after the save and the report: the next steps' time is theirs alone
 
     if rank == 0:
         finish(recipe, plan, state, run_uri, s3, total_params, trainable_params, strategy, world, device, tb)
