@@ -38,7 +38,11 @@ def _recipe(path: str | None, overrides: list[str]):
 
     if path is not None and not _is_recipe(path):
         raise UserError(f"{path}: expected a recipe file (.yaml); LMFlow flags such as --dataset_path work without one")
-    return load_recipe(path, overrides)
+    notices: list[str] = []
+    recipe = load_recipe(path, overrides, notices=notices)
+    for line in notices:
+        print(f"note: {line}", file=sys.stderr)
+    return recipe
 
 
 # ---- data ------------------------------------------------------------------------------------

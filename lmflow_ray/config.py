@@ -236,6 +236,45 @@ ALIASES: dict[str, str] = {
     "model_max_length": "data.block_size",
 }
 
+# LMFlow flags that are ours under another name and meaning turned around (flag -> key, value map).
+INVERTED: dict[str, str] = {
+    "disable_group_texts": "data.packing",  # LMFlow's group_texts concatenates and cuts: our packing
+}
+ALIASES["lisa_step_interval"] = "train.lisa_interval_steps"  # the spelling in LMFlow's README
+
+# LMFlow script / HF TrainingArguments flags that mean nothing on Ray: accepted, each with one line
+# saying so and why (printed by the CLI), so an LMFlow command line runs as it is.
+IGNORED_FLAGS: dict[str, str] = {
+    "do_train": "`lmflow-ray train` always trains",
+    "overwrite_output_dir": "a run folder is never overwritten: the run resumes run_name's newest checkpoint "
+                            "(pass --fresh to start over)",
+    "ddp_timeout": "Ray Train sets up the process group and its timeout",
+    "dataloader_num_workers": "Ray Data streams the tokenized rows to every worker",
+    "dataloader_pin_memory": "Ray Data streams the tokenized rows to every worker",
+    "disable_tqdm": "the driver shows one progress bar (or a line per logging step off a terminal)",
+    "log_level": "workers log to Ray's log files; the driver prints one line per logging step",
+    "logging_dir": "TensorBoard files go to <run folder>/tensorboard",
+    "save_strategy": "checkpoints are saved every save_steps steps and at the end",
+    "ignore_data_skip": "a resumed run continues at the exact row it stopped at",
+    "push_to_hub": "nothing is uploaded to a model hub; checkpoints go to output_model_path (a folder or s3://)",
+}
+# Ignored only at these values (others would need what is not built yet: said so, not silently dropped).
+IGNORED_AT: dict[str, tuple[Any, str]] = {
+    "validation_split_percentage": (0, "no validation split is taken"),
+}
+
+
+def _report_to_note(value: Any) -> str:
+    """LMFlow's scripts pass --report_to wandb: the run goes on, saying where the metrics go."""
+    import importlib.util
+
+    names = [str(v) for v in (value if isinstance(value, list) else str(value).replace(",", " ").split())]
+    where = "metrics go to Ray, TensorBoard (<run folder>/tensorboard), loss.png and summary.md"
+    if "wandb" in names:
+        why = "wandb is not installed here" if importlib.util.find_spec("wandb") is None else "no wandb logger yet"
+        return f"--report_to {' '.join(names)}: {why}; {where}"
+    return f"--report_to {' '.join(names)}: {where}"
+
 ALL_KEYS: list[str] = [f"{s}.{f}" for f, s in FIELD_SECTION.items()]
 
 
@@ -340,10 +379,22 @@ def _at(where: str, lines: dict[str, int], key: str) -> str:
     return f"{where}:{lines[key]}" if key in lines else where
 
 
+def _note(notices: list[str] | None, line: str) -> None:
+    if notices is not None and line not in notices:
+        notices.append(line)
+
+
+def _truthy(value: Any, written: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise UserError(f"override '{written}': expected true/false or 1/0")
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
-                inline: dict[str, Any] | None = None) -> Recipe:
+                inline: dict[str, Any] | None = None, notices: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or none: all defaults), lay ``inline`` sections over it (a Serve config's
-    args), and apply overrides; errors name file, line, key."""
+    args), and apply overrides; errors name file, line, key. LMFlow flags that mean nothing here are
+    skipped, with one line each in ``notices``."""
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     where = "recipe"
@@ -380,6 +431,21 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value, written in parse_overrides(overrides or []):
         if any(word in key.lower() for word in ("key", "secret", "token", "password")):
             written = f"{key}=***"  # an error names the override, never a credential's value
+        flag = key.lstrip("-").replace("-", "_")
+        if flag in IGNORED_FLAGS:
+            _note(notices, f"--{flag} is ignored: {IGNORED_FLAGS[flag]}")
+            continue
+        if flag == "report_to":
+            _note(notices, _report_to_note(value))
+            continue
+        if flag in IGNORED_AT:
+            harmless, why = IGNORED_AT[flag]
+            if value == harmless:
+                _note(notices, f"--{flag} {value} is ignored: {why}")
+                continue
+            raise UserError(f"override '{written}': {flag}: only {harmless!r} is supported so far ({why})")
+        if flag in INVERTED:
+            key, value = INVERTED[flag], not _truthy(value, written)
         section, name = canonical_key(key, f"override '{written}'")
         nested[section][name] = value
         origin[(section, name)] = f"override '{written}'"

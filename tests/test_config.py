@@ -102,3 +102,37 @@ def test_a_loopback_gcs_address_is_joined_from_loopback(address, loopback):
     from lmflow_ray.ray_init import on_loopback
 
     assert on_loopback(address) is loopback
+
+
+LMFLOW_SCRIPTS = Path(__file__).parent / "fixtures" / "lmflow_scripts"
+
+
+def lmflow_script_args(name: str) -> list[str]:
+    """An LMFlow script's finetune.py arguments, as the shell splits them."""
+    import shlex
+
+    lines = (LMFLOW_SCRIPTS / f"{name}.args").read_text().splitlines()
+    return [word for line in lines if not line.startswith("#") for word in shlex.split(line)]
+
+
+@pytest.mark.parametrize("script,method", [("run_finetune", "full"), ("run_finetune_with_lora", "lora"),
+                                           ("run_finetune_with_qlora", "qlora"), ("run_finetune_with_lisa", "lisa")])
+def test_lmflow_script_arguments_load_as_written_with_a_line_per_ignored_flag(script, method):
+    notices: list[str] = []
+    recipe = load_recipe(None, lmflow_script_args(script), notices=notices)
+    assert recipe.method == method
+    flags = {a.lstrip("-") for a in lmflow_script_args(script) if a.startswith("--")}
+    ignored = {"do_train", "overwrite_output_dir", "ddp_timeout", "dataloader_num_workers",
+               "validation_split_percentage", "report_to"} & flags
+    assert {n.split()[0].lstrip("-") for n in notices} == ignored, notices
+    if "disable_group_texts" in flags:
+        assert recipe.data.packing is False  # LMFlow's group_texts off: one sample per padded row
+    assert recipe.storage.run_name == dict(zip(lmflow_script_args(script), lmflow_script_args(script)[1:]))["--run_name"]
+
+
+def test_lisa_step_interval_is_lmflows_readme_spelling_and_a_wrong_value_is_named():
+    assert load_recipe(None, ["--use_lisa", "1", "--lisa_step_interval", "7"]).train.lisa_interval_steps == 7
+    with pytest.raises(UserError, match="validation_split_percentage: only 0 is supported so far"):
+        load_recipe(None, ["--validation_split_percentage", "10"])
+    with pytest.raises(UserError, match="disable_group_texts"):
+        load_recipe(None, ["--disable_group_texts", "maybe"])
