@@ -15,6 +15,21 @@ class StorageError(UserError):
     exit_code = 3
 
 
+class CheckpointWriteError(StorageError):
+    """Writing a checkpoint failed (disk full, storage unreachable after retries): the run stops
+    with one line naming where and why, exit 1. A re-run removes the partial checkpoint and resumes."""
+
+    exit_code = 1
+
+    def __init__(self, uri: str, cause: str):
+        self.uri, self.cause_text = uri, cause
+        super().__init__(f"writing checkpoint {uri} failed: {cause}; the run stopped. Once the storage works "
+                         "again, run the same command: it resumes from the newest complete checkpoint")
+
+    def __reduce__(self):  # survives pickling through Ray Train's worker errors
+        return (CheckpointWriteError, (self.uri, self.cause_text))
+
+
 class DataError(UserError):
     """One or more problems in a dataset, each already formatted as ``file:line: field: problem``."""
 
@@ -47,6 +62,13 @@ def unwrap_user_error(err: BaseException) -> UserError | None:
         if isinstance(cause, BaseException):
             stack.append(cause)
             continue
+        # Ray Train V2 keeps the workers' and the controller's errors in fields, not as a cause.
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+        controller = getattr(e, "controller_failure", None)
+        if isinstance(controller, BaseException):
+            stack.append(controller)
         if isinstance(e, UserError):
             return e
         stack += [e.__cause__, e.__context__]

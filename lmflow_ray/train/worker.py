@@ -20,6 +20,7 @@ from lmflow_ray import storage
 from lmflow_ray.config import Recipe, recipe_to_yaml
 from lmflow_ray.data.packing import collate_columns
 from lmflow_ray.data.tokenize import IGNORE_INDEX, load_tokenizer
+from lmflow_ray.errors import CheckpointWriteError
 from lmflow_ray.model.adapters import apply_lora
 from lmflow_ray.model.load import ROPE_MARK, load_model, matmul_parameters, parameter_counts
 from lmflow_ray.train.deepspeed import deepspeed_config
@@ -248,12 +249,35 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
                 "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
                 "method": recipe.method, "base_model": recipe.model.model_name_or_path,
                 "export": storage.EXPORT_DIR, "quantized_layers": quantized_layers(strategy.module)})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=storage.checkpoint_name(step))
-        if tb is not None:
-            storage.upload(tb.folder, storage.join(run_uri, "tensorboard"), s3)
+        target = storage.join(run_uri, storage.checkpoint_name(step))
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=storage.checkpoint_name(step))
+            if tb is not None:
+                storage.upload(tb.folder, storage.join(run_uri, "tensorboard"), s3)
+        except Exception as err:  # disk full, storage unreachable after its retries: one line, not a traceback
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            from lmflow_ray.credentials import redact
+
+            raise CheckpointWriteError(target, redact(f"{type(cause).__name__}: {cause}")[:500]) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The storage error (OSError: pyarrow's, the disk's) behind ``err``, through any wrapper."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 def export(module: Any, weights: dict | None, tokenizer: Any, folder: str) -> None:
