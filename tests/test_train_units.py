@@ -187,3 +187,27 @@ def test_loss_plot_legend_covers_no_axis_and_no_label(tmp_path):
         plt.close(fig)
     plot_loss(history, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_a_checkpoint_write_error_is_one_line_found_through_ray_trains_worker_errors():
+    import pickle
+
+    from ray.train import WorkerGroupError
+
+    from lmflow_ray.errors import CheckpointWriteError, unwrap_user_error
+    from lmflow_ray.train.worker import _os_error
+
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as disk:
+            raise RuntimeError("Ray Train could not persist the checkpoint") from disk
+    except RuntimeError as wrapped:
+        cause = _os_error(wrapped)
+    assert isinstance(cause, OSError) and cause.errno == 28
+    err = pickle.loads(pickle.dumps(CheckpointWriteError("s3://b/runs/x/checkpoint_000004", f"OSError: {cause}")))
+    failed = WorkerGroupError("Training failed due to worker errors", {0: err, 1: RuntimeError("peer gone")})
+    found = unwrap_user_error(failed)
+    assert isinstance(found, CheckpointWriteError) and found.exit_code == 1
+    assert str(found).startswith("writing checkpoint s3://b/runs/x/checkpoint_000004 failed: OSError: [Errno 28]")
+    assert "\n" not in str(found)
