@@ -257,7 +257,12 @@ IGNORED_FLAGS: dict[str, str] = {
     "save_strategy": "checkpoints are saved every save_steps steps and at the end",
     "ignore_data_skip": "a resumed run continues at the exact row it stopped at",
     "push_to_hub": "nothing is uploaded to a model hub; checkpoints go to output_model_path (a folder or s3://)",
+    "fp16": "fp16 with loss scaling is not built: training runs in the recipe's precision (bf16 with --bf16, "
+            "else fp32)",
 }
+# --optim: the AdamW family trains with our AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded).
+ADAMW_VARIANTS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "paged_adamw_32bit",
+                  "paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit")
 # Ignored only at these values (others would need what is not built yet: said so, not silently dropped).
 IGNORED_AT: dict[str, tuple[Any, str]] = {
     "validation_split_percentage": (0, "no validation split is taken"),
@@ -437,6 +442,19 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             continue
         if flag == "report_to":
             _note(notices, _report_to_note(value))
+            continue
+        if flag == "optim":
+            if value not in ADAMW_VARIANTS:
+                raise UserError(f"override '{written}': optim: only the AdamW family is supported ({', '.join(ADAMW_VARIANTS)})")
+            _note(notices, f"--optim {value}: trained with AdamW (torch's, or DeepSpeed's CPU Adam when offloaded); "
+                           "paged and 8-bit optimizer states are not built")
+            continue
+        if flag == "save_aggregated_lora":
+            if _truthy(value, written):
+                raise UserError(f"override '{written}': save_aggregated_lora: merging at the end of training is not "
+                                "built yet; after training run `lmflow-ray merge --lora_model_path RUN "
+                                "--output_model_path DIR`")
+            _note(notices, "--save_aggregated_lora 0: the adapter alone is saved (LMFlow's default)")
             continue
         if flag in IGNORED_AT:
             harmless, why = IGNORED_AT[flag]

@@ -115,15 +115,17 @@ def lmflow_script_args(name: str) -> list[str]:
     return [word for line in lines if not line.startswith("#") for word in shlex.split(line)]
 
 
-@pytest.mark.parametrize("script,method", [("run_finetune", "full"), ("run_finetune_with_lora", "lora"),
-                                           ("run_finetune_with_qlora", "qlora"), ("run_finetune_with_lisa", "lisa")])
+@pytest.mark.parametrize("script,method", [
+    ("run_finetune", "full"), ("run_finetune_with_lora", "lora"), ("run_finetune_with_qlora", "qlora"),
+    ("run_finetune_with_lisa", "lisa"), ("archive_run_finetune", "full"), ("archive_run_finetune_with_lora", "lora"),
+    ("archive_run_finetune_with_qlora", "qlora"), ("archive_run_finetune_with_lisa", "lisa")])
 def test_lmflow_script_arguments_load_as_written_with_a_line_per_ignored_flag(script, method):
     notices: list[str] = []
     recipe = load_recipe(None, lmflow_script_args(script), notices=notices)
     assert recipe.method == method
     flags = {a.lstrip("-") for a in lmflow_script_args(script) if a.startswith("--")}
     ignored = {"do_train", "overwrite_output_dir", "ddp_timeout", "dataloader_num_workers",
-               "validation_split_percentage", "report_to"} & flags
+               "validation_split_percentage", "report_to", "fp16", "optim", "save_aggregated_lora"} & flags
     assert {n.split()[0].lstrip("-") for n in notices} == ignored, notices
     if "disable_group_texts" in flags:
         assert recipe.data.packing is False  # LMFlow's group_texts off: one sample per padded row
@@ -136,3 +138,7 @@ def test_lisa_step_interval_is_lmflows_readme_spelling_and_a_wrong_value_is_name
         load_recipe(None, ["--validation_split_percentage", "10"])
     with pytest.raises(UserError, match="disable_group_texts"):
         load_recipe(None, ["--disable_group_texts", "maybe"])
+    with pytest.raises(UserError, match="optim: only the AdamW family"):
+        load_recipe(None, ["--optim", "adafactor"])
+    with pytest.raises(UserError, match="lmflow-ray merge --lora_model_path"):
+        load_recipe(None, ["--save_aggregated_lora", "1"])
