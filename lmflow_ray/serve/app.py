@@ -104,9 +104,9 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
             req = await _request(request, CompletionRequest)
             adapter = self._adapter(req.model)
             vocab = len(self.engine.tokenizer)
-            prompts = []
-            for p, prompt in enumerate(req.prompts()):
-                field = "prompt" if len(req.prompts()) == 1 else f"prompt.{p}"
+            given, prompts = req.prompts(), []
+            for p, prompt in enumerate(given):
+                field = "prompt" if len(given) == 1 else f"prompt.{p}"
                 if isinstance(prompt, list):
                     if any(not 0 <= t < vocab for t in prompt):
                         raise APIError(400, f"{field}: token ids must lie in [0, {vocab})", param=field)
@@ -116,7 +116,7 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
             runs = [(ids, self._sampling(req, len(ids), field, i, echo=req.echo)) for field, ids in prompts
                     for i in range(req.n)]
             head = {"id": new_id("cmpl"), "created": int(time.time()), "model": req.model, "object": "text_completion"}
-            texts = [p if isinstance(p, str) else None for p in req.prompts()]
+            texts = [p if isinstance(p, str) else None for p in given]
             shape = _CompletionShape(head, self.engine.tokenizer, [ids for _, ids in prompts], texts, req.n, req.echo)
             if req.stream:
                 return StreamingResponse(stream_events(self.engine, runs, adapter, shape, req.include_usage()),
@@ -179,21 +179,6 @@ async def _request(request: Request, schema: Any) -> Any:
     return found if isinstance(found, schema) else parse(schema, await request.body())
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-ins (GPT-2's table) back to the bytes they stand for."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
-
-
-_BYTES = _byte_decoder()
-
-
 def token_bytes(tokenizer: Any, token: int) -> bytes:
     """A token's own bytes (OpenAI's ``bytes``): also for a token that is part of a character,
     which decodes alone to U+FFFD."""
@@ -203,8 +188,11 @@ def token_bytes(tokenizer: Any, token: int) -> bytes:
     piece = tokenizer.convert_ids_to_tokens(token)
     if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
         return bytes([int(piece[3:5], 16)])
-    if all(c in _BYTES for c in piece):  # byte-level BPE
-        return bytes(_BYTES[c] for c in piece)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    stand_in = {c: b for b, c in bytes_to_unicode().items()}  # byte-level BPE's printable stand-ins
+    if all(c in stand_in for c in piece):
+        return bytes(stand_in[c] for c in piece)
     return text.encode("utf-8")
 
 

@@ -40,7 +40,7 @@ def front(section: ServeSection, describe: Any, models: list[str], app: Any = No
     key = api_key(section)
     limits = Limits.from_section(section, fill_max_tokens, no_prompt_logprobs)
     names = list(models)
-    app.add_middleware(Guard, api_key=key, limit=section.max_ongoing_requests, limits=limits, models=lambda: names)
+    app.add_middleware(Guard, api_key=key, limit=section.max_ongoing_requests, limits=limits, models=names)
     if section.cors_allow_origins:  # outside the guard: a browser's preflight carries no key
         from fastapi.middleware.cors import CORSMiddleware
 

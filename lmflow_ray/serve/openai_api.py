@@ -337,7 +337,7 @@ class Guard:
                  retry_after_s: int = 1, models: Any = None):
         self.app, self.api_key, self.limit, self.retry_after_s = app, api_key, limit, retry_after_s
         self.limits = limits or Limits()
-        self.models = models  # a function -> the served names, or None (not checked here)
+        self.models = list(models) if models is not None else None  # the served names (None: not checked)
         self.in_flight = 0
 
     async def _key(self) -> str | None:
@@ -385,9 +385,8 @@ class Guard:
             self.in_flight -= 1
 
     def _check_model(self, model: str) -> None:
-        names = self.models() if self.models is not None else None
-        if names is not None and model not in names:
-            raise APIError(404, f"the model {model!r} does not exist here; served: {', '.join(names)}",
+        if self.models is not None and model not in self.models:
+            raise APIError(404, f"the model {model!r} does not exist here; served: {', '.join(self.models)}",
                            param="model", code="model_not_found")
 
     async def _too_large(self, send: Any) -> None:
