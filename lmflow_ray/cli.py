@@ -224,6 +224,8 @@ def cmd_train(args: argparse.Namespace, extras: list[str]) -> int:
         + (f", loss {m['loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s, MFU {m['mfu']:.2%}" if "loss" in m else ""))
     print(f"run folder:   {result.run_uri}")
     print(f"final model:  {result.export_uri}")
+    if result.merged_uri:
+        print(f"merged model: {result.merged_uri}")
     print(f"loss curve:   {join(result.run_uri, 'loss.png')}")
     print(f"summary:      {join(result.run_uri, 'summary.md')}")
     print(f"tensorboard:  tensorboard --logdir {join(result.run_uri, 'tensorboard')}")
@@ -242,7 +244,7 @@ def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
     s3 = S3Options.resolve(StorageSection(endpoint_url=args.endpoint_url))
     with tempfile.TemporaryDirectory(prefix="lmflow-merge-") as cache:
         adapter = local_model_folder(args.lora_model_path, cache, s3)
-        out = merge_adapter(adapter, args.output_model_path, base=args.model_name_or_path)
+        out = merge_adapter(adapter, args.output_model_path, base=args.model_name_or_path, s3=s3.to_dict())
     print(f"merged model written to {out}")
     return 0
 

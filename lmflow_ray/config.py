@@ -7,6 +7,7 @@ Field names are LMFlow's flag names, unique across sections, so ``--block_size 5
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -87,12 +88,15 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     dataset_path: str | None = Field(None, description="file or folder, local or s3://")
-    eval_dataset_path: str | None = None
+    eval_dataset_path: str | None = Field(None, description="held-out data for `lmflow-ray eval`, and for the eval loss during training when train.eval_steps is set")
+    validation_split_percentage: int = Field(0, ge=0, lt=100, description="hold out this % of dataset_path's samples (a fixed hash split) for the eval loss during training")
+    max_train_samples: int | None = Field(None, ge=1, description="train on the first N samples of dataset_path only")
     conversation_template: str | None = Field(None, description="a preset name, or `tokenizer`; empty = the tokenizer's own")
     block_size: int = Field(1024, ge=8)
     train_on_prompt: bool = False
     packing: bool = Field(True, description="pack samples into block_size rows; false = LMFlow's pad-to-block")
     preprocessing_batch_size: int = Field(1024, ge=1, description="rows per tokenize/pack batch (the packing window)")
+    preprocessing_num_workers: int | None = Field(None, ge=1, description="at most this many shards tokenized at once (Ray tasks); empty = as many as there are CPUs")
 
 
 class TrainSection(_Section):
@@ -114,6 +118,8 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     deepspeed: str | None = Field(None, description="zero0 | zero2 | zero2_offload | zero3 | zero3_offload | zero3_offload_params, or a DeepSpeed JSON file; empty = plain DDP")
     logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="eval loss on the held-out set every N steps and at the end; empty = logging_steps when a validation split is taken, else no eval")
+    per_device_eval_batch_size: int | None = Field(None, ge=1, description="rows per eval forward pass; empty = per_device_train_batch_size")
     save_steps: int = Field(500, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
     use_lisa: bool = False
@@ -129,6 +135,7 @@ class StorageSection(_Section):
     aws_secret_access_key: SecretField = None
     region: str | None = None
     save_total_limit: int | None = Field(None, ge=1)
+    save_aggregated_lora: bool = Field(False, description="LoRA: also write the final adapter merged into its base, as <run folder>/merged")
 
     @field_validator("run_name")
     @classmethod
@@ -242,6 +249,15 @@ INVERTED: dict[str, str] = {
 }
 ALIASES["lisa_step_interval"] = "train.lisa_interval_steps"  # the spelling in LMFlow's README
 
+# LMFlow's DeepSpeed configs (configs/ and configs/archive/), by file name, as our presets: a script
+# passes their path, which exists only inside an LMFlow checkout (a file that is there is read).
+LMFLOW_DEEPSPEED: dict[str, str] = {
+    "ds_config_zero0_no_offload.json": "zero0",
+    "ds_config_zero2.json": "zero2_offload", "ds_config_zero2_no_offload.json": "zero2", "ds_config_zero2_nocpu.json": "zero2",
+    "ds_config_zero3.json": "zero3_offload", "ds_config_zero3_no_offload.json": "zero3", "ds_config_zero3_nocpu.json": "zero3",
+    "zero3_no_offload.json": "zero3",
+}
+
 # LMFlow script / HF TrainingArguments flags that mean nothing on Ray: accepted, each with one line
 # saying so and why (printed by the CLI), so an LMFlow command line runs as it is.
 IGNORED_FLAGS: dict[str, str] = {
@@ -263,10 +279,6 @@ IGNORED_FLAGS: dict[str, str] = {
 # --optim: the AdamW family trains with our AdamW (DeepSpeed's CPU Adam when the optimizer is offloaded).
 ADAMW_VARIANTS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "paged_adamw_32bit",
                   "paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit")
-# Ignored only at these values (others would need what is not built yet: said so, not silently dropped).
-IGNORED_AT: dict[str, tuple[Any, str]] = {
-    "validation_split_percentage": (0, "no validation split is taken"),
-}
 
 
 def _report_to_note(value: Any) -> str:
@@ -351,6 +363,16 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any, str]]:
             elif i + 1 < len(args) and not args[i + 1].startswith("--"):
                 key, raw = arg, args[i + 1]
                 i += 1
+                # HF's argument parser takes a list as words: --lora_target_modules q_proj v_proj
+                more = []
+                while i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
+                    more.append(args[i + 1])
+                    i += 1
+                if more:
+                    words = [raw, *more]
+                    out.append((key, [_parse_value(w) for w in words], f"{key} {' '.join(words)}"))
+                    i += 1
+                    continue
             else:
                 key, raw = arg, "true"  # a bare flag, like --use_lora
             out.append((key, _parse_value(raw), arg if "=" in arg else f"{key} {raw}"))
@@ -449,19 +471,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             _note(notices, f"--optim {value}: trained with AdamW (torch's, or DeepSpeed's CPU Adam when offloaded); "
                            "paged and 8-bit optimizer states are not built")
             continue
-        if flag == "save_aggregated_lora":
-            if _truthy(value, written):
-                raise UserError(f"override '{written}': save_aggregated_lora: merging at the end of training is not "
-                                "built yet; after training run `lmflow-ray merge --lora_model_path RUN "
-                                "--output_model_path DIR`")
-            _note(notices, "--save_aggregated_lora 0: the adapter alone is saved (LMFlow's default)")
-            continue
-        if flag in IGNORED_AT:
-            harmless, why = IGNORED_AT[flag]
-            if value == harmless:
-                _note(notices, f"--{flag} {value} is ignored: {why}")
-                continue
-            raise UserError(f"override '{written}': {flag}: only {harmless!r} is supported so far ({why})")
+        if flag == "deepspeed" and isinstance(value, str) and not os.path.exists(value) \
+                and (preset := LMFLOW_DEEPSPEED.get(os.path.basename(value))):
+            _note(notices, f"--deepspeed {value}: not here; LMFlow's {os.path.basename(value)} is the {preset} preset")
+            value = preset
         if flag in INVERTED:
             key, value = INVERTED[flag], not _truthy(value, written)
         section, name = canonical_key(key, f"override '{written}'")

@@ -125,7 +125,7 @@ def test_lmflow_script_arguments_load_as_written_with_a_line_per_ignored_flag(sc
     assert recipe.method == method
     flags = {a.lstrip("-") for a in lmflow_script_args(script) if a.startswith("--")}
     ignored = {"do_train", "overwrite_output_dir", "ddp_timeout", "dataloader_num_workers",
-               "validation_split_percentage", "report_to", "fp16", "optim", "save_aggregated_lora"} & flags
+               "report_to", "fp16", "optim", "deepspeed"} & flags
     assert {n.split()[0].lstrip("-") for n in notices} == ignored, notices
     if "disable_group_texts" in flags:
         assert recipe.data.packing is False  # LMFlow's group_texts off: one sample per padded row
@@ -134,11 +134,25 @@ def test_lmflow_script_arguments_load_as_written_with_a_line_per_ignored_flag(sc
 
 def test_lisa_step_interval_is_lmflows_readme_spelling_and_a_wrong_value_is_named():
     assert load_recipe(None, ["--use_lisa", "1", "--lisa_step_interval", "7"]).train.lisa_interval_steps == 7
-    with pytest.raises(UserError, match="validation_split_percentage: only 0 is supported so far"):
-        load_recipe(None, ["--validation_split_percentage", "10"])
+    recipe = load_recipe(None, ["--validation_split_percentage", "10", "--eval_steps", "5", "--max_train_samples", "100"])
+    assert (recipe.data.validation_split_percentage, recipe.train.eval_steps, recipe.data.max_train_samples) == (10, 5, 100)
+    with pytest.raises(UserError, match="validation_split_percentage"):
+        load_recipe(None, ["--validation_split_percentage", "100"])
     with pytest.raises(UserError, match="disable_group_texts"):
         load_recipe(None, ["--disable_group_texts", "maybe"])
     with pytest.raises(UserError, match="optim: only the AdamW family"):
         load_recipe(None, ["--optim", "adafactor"])
-    with pytest.raises(UserError, match="lmflow-ray merge --lora_model_path"):
-        load_recipe(None, ["--save_aggregated_lora", "1"])
+    assert load_recipe(None, ["--save_aggregated_lora", "1"]).storage.save_aggregated_lora is True
+
+
+def test_lmflow_deepspeed_config_paths_and_word_lists():
+    notices: list[str] = []
+    recipe = load_recipe(None, ["--deepspeed", "configs/archive/ds_config_zero2.json", "--lora_target_modules", "q_proj",
+                                "v_proj", "lora_r=4", "--use_lora", "1"], notices=notices)
+    assert recipe.train.deepspeed == "zero2_offload" and recipe.model.lora_target_modules == ["q_proj", "v_proj"]
+    assert notices == ["--deepspeed configs/archive/ds_config_zero2.json: not here; LMFlow's ds_config_zero2.json is the "
+                       "zero2_offload preset"]
+    assert load_recipe(None, ["--deepspeed", "configs/ds_config_zero3.json"]).train.deepspeed == "zero3_offload"
+    assert load_recipe(None, ["--deepspeed", "configs/ds_config_zero3_nocpu.json"]).train.deepspeed == "zero3"
+    with pytest.raises(UserError, match="block_size"):
+        load_recipe(None, ["--block_size", "512", "1024"])

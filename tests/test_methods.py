@@ -153,3 +153,39 @@ def test_vocab_extension_then_rope_scaled_training_past_the_native_context(ray_l
         logits = tuned(ids).logits
     assert logits.shape[1] == 240 and torch.isfinite(logits).all()
 
+
+
+@pytest.mark.parametrize("script,method", [("run_finetune", "full"), ("run_finetune_with_lora", "lora"),
+                                           ("run_finetune_with_qlora", "qlora"), ("run_finetune_with_lisa", "lisa")])
+def test_lmflow_scripts_train_as_written(ray_local, six_blocks, orders, tmp_path, script, method):
+    """LMFlow's own script arguments, as its shell passes them, with a small model, our data and
+    --max_steps 2. The LoRA script also asks for LMFlow's eval / sampling / merge flags."""
+    from transformers import AutoModelForCausalLM
+
+    from test_config import lmflow_script_args
+
+    here = {"--model_name_or_path": str(six_blocks), "--dataset_path": str(orders), "--output_dir": str(tmp_path / "out")}
+    written = lmflow_script_args(script)
+    args = [here.get(before, arg) for before, arg in zip(["", *written], written)] + ["--max_steps", "2"]
+    extra = ["--validation_split_percentage", "10", "--eval_steps", "1", "--max_train_samples", "100",
+             "--save_aggregated_lora", "1"] if method == "lora" else []
+    result = run(load_recipe(None, args + extra, notices=[]), fresh=True)
+    assert result.steps == 2
+    checkpoint = list_checkpoints(result.run_uri, S3Options())[-1]
+    assert checkpoint.manifest["method"] == method
+    state = trainer_state(checkpoint, S3Options())
+    # --logging_steps 20: the last step is logged (and with --eval_steps 1 every step, with its eval loss).
+    assert [h["step"] for h in state["log_history"]] == ([1, 2] if method == "lora" else [2])
+    if method != "lora":
+        assert "eval_loss" not in state["log_history"][-1] and not result.merged_uri
+        return
+    # --max_train_samples 100 of the train side; --disable_group_texts 1: one sample per row.
+    assert state["plan"]["rows_per_rank"] * state["plan"]["world_size"] == 100
+    for held in state["log_history"]:
+        assert held["eval_tokens"] > 0 and 0 < held["eval_loss"] < 20 and held["eval_ppl"] > 1
+    assert state["log_history"][0]["eval_tokens"] == state["log_history"][1]["eval_tokens"]  # the same held-out rows
+    assert "| eval loss |" in (Path(result.run_uri) / "summary.md").read_text()
+    # --save_aggregated_lora 1: the adapter merged into its base, next to the checkpoints.
+    assert result.merged_uri == f"{result.run_uri}/merged"
+    assert not (Path(result.merged_uri) / "adapter_config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(result.merged_uri).config.num_hidden_layers == 6

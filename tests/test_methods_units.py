@@ -134,3 +134,85 @@ def test_vocabulary_merge_reaches_every_new_token_by_bpe():
         assert _bpe(word, ranks) == [word], word
         assert word in vocab
     assert merges[:3] == [["a", "b"], ["c", "d"], ["b", "c"]]  # the base's own merges keep their ranks
+
+
+def _rope_adapter(base, folder, pi):
+    """What a LoRA run with ``rope_pi_ratio=pi`` exports: the adapter, its tokenizer, its scaled base config."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lmflow_ray.config import ModelSection
+    from lmflow_ray.model.load import scale_rope
+
+    config = AutoConfig.from_pretrained(base)
+    if pi != 1.0:
+        assert scale_rope(config, ModelSection(rope_pi_ratio=pi))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, config=config),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.peft_config["default"].base_model_name_or_path = str(base)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    if pi != 1.0:
+        model.config.save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_trained_with_rope_scaling_is_scored_served_and_merged_with_it(tmp_path):
+    """One loader for eval, serve and merge: the base gets the adapter's RoPE scaling; vLLM refuses it."""
+    from transformers import AutoModelForCausalLM
+
+    from lmflow_ray.eval.run import ModelScorer
+    from lmflow_ray.model.adapters import merge_adapter
+    from lmflow_ray.model.load import load_for_inference
+    from lmflow_ray.serve.engines import TransformersEngine
+    from lmflow_ray.serve.sources import Sources
+    from lmflow_ray.serve.vllm_app import stage_adapters
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", positions=64)
+    scaled = _rope_adapter(base, tmp_path / "scaled", 4.0)
+    plain = _rope_adapter(base, tmp_path / "plain", 1.0)
+    native = AutoModelForCausalLM.from_pretrained(base).eval()
+    x, positions = torch.zeros(1, 1, 1), torch.arange(0, 256, 4)[None]
+    want, _ = native.model.rotary_emb(x, positions // 4)
+
+    def turns_like_native(model):  # position 4k turns like native position k: 256 positions in 64
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        got, _ = inner.model.rotary_emb(x, positions)
+        return torch.allclose(got, want)
+
+    served = TransformersEngine(str(base), {"tiny:scaled": str(scaled)}, max_batch_size=2, threads=1)
+    try:
+        assert served.context_length == 256 and turns_like_native(served.model)
+    finally:
+        served.close()
+    scorer = ModelScorer(str(base), str(scaled), None, 1, "text", ["nll"], 4, 2, "float32", False)
+    assert scorer.model.config.rope_parameters["factor"] == 4.0 and turns_like_native(scorer.model)
+    merged = merge_adapter(scaled, tmp_path / "merged")
+    assert turns_like_native(AutoModelForCausalLM.from_pretrained(merged))
+    ids = torch.tensor([list(range(3, 200))])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits,
+                                   scorer.model(ids).logits, atol=1e-5, rtol=1e-4)
+    assert not turns_like_native(load_for_inference(str(base), {"a": str(plain)}))
+
+    with pytest.raises(UserError, match="different RoPE scaling cannot share one base: a .*rope_pi_ratio.*b \\(none\\)"):
+        load_for_inference(str(base), {"a": str(scaled), "b": str(plain)})
+    found = Sources("tiny", str(base), {"tiny:scaled": str(scaled)})
+    with pytest.raises(UserError, match="tiny:scaled .*trained with RoPE scaling.*lmflow-ray merge"):
+        stage_adapters(load_recipe(None, []), found)
+
+
+def test_training_refuses_an_adapter_as_its_base_and_takes_hub_ids(tmp_path):
+    from lmflow_ray.model.locate import exact_uri, is_hub_id, model_folder
+    from tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base")
+    adapter = _rope_adapter(base, tmp_path / "adapter", 1.0)
+    with pytest.raises(UserError, match=r"model.model_name_or_path: .*adapter.* is a LoRA adapter, not a whole model"):
+        model_folder(str(adapter))
+    assert model_folder(str(base)) == str(base)
+    assert is_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct") and exact_uri("gpt2", None, "k") == "gpt2"
+    assert not is_hub_id(str(base)) and not is_hub_id("s3://b/m") and not is_hub_id("default")
+    with pytest.raises(UserError, match="k: 'tests/no-such-model' is not a folder here"):
+        exact_uri("tests/no-such-model", None, "k")  # a path under a folder that exists is no hub id

@@ -59,6 +59,11 @@ def expected_samples(rows, model_dir, block_size):
     return collections.Counter((tuple(e.input_ids), tuple(e.labels[1:])) for e in encoded)
 
 
+def rows_of_shard(shard):
+    """(instance, (shard, its index there)) for every instance of one shard, read as the pipeline does."""
+    return [(rec.instance, (shard.to_dict(), i)) for i, rec in enumerate(sources.read_shard(shard))]
+
+
 def collect(ds):
     cols = collections.defaultdict(list)
     for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
@@ -84,6 +89,20 @@ def test_sharded_jsonl_on_ray_equals_one_process(tmp_path, ray_local, tiny_model
     assert all(len(ids) <= 256 for ids in got["input_ids"])
     tokens = sum(len(ids) for ids in got["input_ids"])
     assert len(got["input_ids"]) < len(rows) and tokens / (256 * len(got["input_ids"])) > 0.85  # really packed
+
+    # validation_split_percentage: a fixed split of the samples, the same on every build, the two
+    # sides disjoint and together everything; max_train_samples: the first N of the train side.
+    split = recipe_for(tmp_path / "chat.jsonl", tiny_model_dir, validation_split_percentage=20)
+    train, held = samples_of(collect(build_dataset(split))), samples_of(collect(build_dataset(split, side="validation")))
+    assert train + held == samples_of(got) and 0.15 < sum(held.values()) / len(rows) < 0.25
+    assert samples_of(collect(build_dataset(split, side="validation"))) == held
+    first = recipe_for(tmp_path / "chat.jsonl", tiny_model_dir, validation_split_percentage=20, max_train_samples=333,
+                       preprocessing_num_workers=2)
+    from lmflow_ray.data.pipeline import held_out
+
+    ordered = [pair for shard in sources.open_dataset(str(tmp_path / "chat.jsonl")).shards for pair in rows_of_shard(shard)]
+    wanted = [r for r, (shard, i) in ordered if not held_out(shard, i, 20)][:333]
+    assert samples_of(collect(build_dataset(first))) == expected_samples(wanted, tiny_model_dir, 256)
 
 
 def test_s3_dataset_gives_the_same_rows_as_local(tmp_path, ray_local, tiny_model_dir, s3_server, monkeypatch):

@@ -46,16 +46,20 @@ def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from lmflow_ray.storage import upload
+
     tied = _tied_copy(tiny_model_dir, tmp_path / "tied")  # as SmolLM2: lm_head is the embedding
-    base = recipe(tied, orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "use_lora=true", "lora_r=4",
-                  "lora_target_modules=q_proj,v_proj", "deepspeed=zero2", "save_steps=2", "run_name=lora")
-    s3 = S3Options.resolve(base.storage)
+    s3 = S3Options(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
+    upload(tied, "s3://lmflow-train/bases/tied", s3)  # the base itself comes from object storage
+    base = recipe("s3://lmflow-train/bases/tied", orders, "s3://lmflow-train/runs", *s3_keys(s3_server), "use_lora=true",
+                  "lora_r=4", "lora_target_modules=q_proj,v_proj", "deepspeed=zero2", "save_steps=2", "run_name=lora")
     first = run(base.model_copy(update={"train": base.train.model_copy(update={"max_steps": 4})}))
     assert (first.steps, first.resumed_from) == (4, 0)
     checkpoints = list_checkpoints(first.run_uri, s3)
     assert [(c.step, c.complete) for c in checkpoints] == [(2, True), (4, True)]
     manifest = checkpoints[-1].manifest
     assert (manifest["world_size"], manifest["zero_stage"], manifest["method"]) == (2, 2, "lora")
+    assert manifest["base_model"] == "s3://lmflow-train/bases/tied"
     assert {"hf/adapter_model.safetensors", "hf/adapter_config.json", "hf/tokenizer.json", "rng/rank1.pt",
             "deepspeed/step_4/zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(manifest["files"])
 

@@ -165,16 +165,16 @@ def test_preflight_passes_sft_data_and_refuses_a_missing_dataset(tmp_path):
 def test_loss_plot_legend_covers_no_axis_and_no_label(tmp_path):
     import matplotlib.pyplot as plt
 
-    history = [{"step": s, "loss": 3.0 / (1 + s / 5), "learning_rate": 2e-4 * min(1.0, (s + 1) / 5) * (1 - s / 45)}
-               for s in range(0, 41, 2)]
+    history = [{"step": s, "loss": 3.0 / (1 + s / 5), "learning_rate": 2e-4 * min(1.0, (s + 1) / 5) * (1 - s / 45),
+                **({"eval_loss": 3.2 / (1 + s / 6)} if s % 10 == 0 else {})} for s in range(0, 41, 2)]
     fig = loss_figure(history)
     try:
         renderer = fig.canvas.get_renderer()
         fig.canvas.draw()
         legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
-        assert len(legends) == 1  # one legend, naming both curves
+        assert len(legends) == 1  # one legend, naming every curve
         (legend,) = legends
-        assert [t.get_text() for t in legend.get_texts()] == ["loss", "learning rate"]
+        assert [t.get_text() for t in legend.get_texts()] == ["training loss", "eval loss", "learning rate"]
         box = legend.get_window_extent(renderer)
         assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)  # not cut off
         for ax in fig.axes:  # the loss axes and its learning-rate twin
@@ -211,3 +211,31 @@ def test_a_checkpoint_write_error_is_one_line_found_through_ray_trains_worker_er
     assert isinstance(found, CheckpointWriteError) and found.exit_code == 1
     assert str(found).startswith("writing checkpoint s3://b/runs/x/checkpoint_000004 failed: OSError: [Errno 28]")
     assert "\n" not in str(found)
+
+
+def test_mfu_peak_counts_each_machine_once():
+    """Two ranks on one 2-core box (two one-CPU Ray nodes there): their single-thread peaks add up,
+    but never past the box's all-core peak; GPUs and other machines count in full."""
+    from lmflow_ray.train.observe import machine_totals
+
+    box = [("box", 60e9, 100e9), ("box", 55e9, 0.0)]
+    assert machine_totals(box) == 100e9
+    assert machine_totals([("box", 40e9, 100e9), ("box", 45e9, 0.0)]) == 85e9
+    assert machine_totals(box + [("other", 70e9, 120e9)]) == 170e9
+    assert machine_totals([("n1:cuda:0", 900e12, 0.0), ("n1:cuda:1", 910e12, 0.0)]) == 1810e12
+
+
+def test_summary_and_loss_png_show_the_eval_loss_when_there_is_one(tmp_path):
+    from lmflow_ray.train.observe import loss_figure
+
+    history = [{"step": 1, "loss": 2.0, "learning_rate": 1e-3, "tokens_per_s": 100.0, "step_time": 0.5},
+               {"step": 2, "loss": 1.5, "learning_rate": 5e-4, "tokens_per_s": 120.0, "step_time": 0.4,
+                "eval_loss": 1.7, "eval_ppl": 5.47, "eval_tokens": 900}]
+    info = {"run_name": "r", "model": "m", "method": "LoRA", "strategy": "DDP", "world_size": 2, "device": "cpu",
+            "steps": 2, "total_steps": 2, "total_params": 1000, "trainable_params": 10, "export": "out/hf"}
+    text = summary_markdown(info, history)
+    assert "| eval loss | 1.7000 at step 2 -> 1.7000 at step 2 (900 held-out tokens) |" in text
+    assert "| step | loss | eval loss |" in text and "| 1 | 2.0000 | | 0.001 |" in text and "| 2 | 1.5000 | 1.7000 | 0.0005 |" in text
+    fig = loss_figure(history)
+    labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+    assert labels == ["training loss", "eval loss", "learning rate"]

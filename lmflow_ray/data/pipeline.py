@@ -39,9 +39,11 @@ class Spec:
     block_size: int
     train_on_prompt: bool
     packing: bool
+    holdout: int = 0  # percent of the samples held out for validation (a fixed hash split)
+    side: str = "train"  # with a holdout: which side to read, train or validation
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, kind: str) -> "Spec":
+    def from_recipe(cls, recipe: Recipe, kind: str, side: str = "train", split: bool = True) -> "Spec":
         return cls(
             model_name_or_path=recipe.model.model_name_or_path,
             trust_remote_code=recipe.model.trust_remote_code,
@@ -50,7 +52,18 @@ class Spec:
             block_size=recipe.data.block_size,
             train_on_prompt=recipe.data.train_on_prompt,
             packing=recipe.data.packing,
+            holdout=recipe.data.validation_split_percentage if split else 0,
+            side=side,
         )
+
+
+def held_out(shard: dict, index: int, percent: int) -> bool:
+    """Whether the ``index``-th sample of a shard is in the validation split: a fixed hash of where
+    it is (file, shard, position), so every run, resume and worker count splits alike."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{shard['uri']}|{shard['start']}|{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 100 < percent
 
 
 @functools.lru_cache(maxsize=8)
@@ -129,28 +142,61 @@ class ShardToRows:
         import pyarrow as pa
 
         for shard_json in batch["shard"]:
-            for instances in self._instances(json.loads(shard_json)):
+            shard = json.loads(shard_json)
+            limit = shard.pop("limit", None)
+            for instances in shard_instances(shard, self.spec, self.s3, self.batch_size, limit):
                 # pyarrow converts lists of Python ints fastest when it infers the type itself.
                 yield pa.table(process(instances, self.spec))
 
-    def _instances(self, shard: dict) -> Iterator[list[dict[str, Any]]]:
-        """Validated instances in batches; a problem stops the shard (its first problems reported)."""
-        problems: list[str] = []
-        out: list[dict[str, Any]] = []
-        for rec in read_shard(shard, self.s3):
-            if rec.problem:
-                problems.append(rec.message())
-                if len(problems) >= MAX_PROBLEMS_PER_SHARD:
-                    break
-            elif not problems:
-                out.append(rec.instance)
-                if len(out) >= self.batch_size:
-                    yield out
-                    out = []
-        if problems:
-            raise DataError(problems)
-        if out:
-            yield out
+
+def shard_instances(shard: dict, spec: Spec, s3: dict, batch_size: int,
+                    limit: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """A shard's validated instances of the spec's side of the split (the first ``limit`` of them),
+    in batches; a problem stops the shard (its first problems reported)."""
+    problems: list[str] = []
+    out: list[dict[str, Any]] = []
+    kept = 0
+    for index, rec in enumerate(read_shard(shard, s3)):
+        if rec.problem:
+            problems.append(rec.message())
+            if len(problems) >= MAX_PROBLEMS_PER_SHARD:
+                break
+        elif not problems:
+            if spec.holdout and held_out(shard, index, spec.holdout) != (spec.side == "validation"):
+                continue
+            if limit is not None and kept >= limit:
+                break
+            kept += 1
+            out.append(rec.instance)
+            if len(out) >= batch_size:
+                yield out
+                out = []
+    if problems:
+        raise DataError(problems)
+    if out:
+        yield out
+
+
+def _count_shard(shard: dict, spec: Spec, s3: dict) -> int:
+    return sum(len(batch) for batch in shard_instances(shard, spec, s3, 4096))
+
+
+def first_samples(source: Dataset, spec: Spec, limit: int) -> list[dict]:
+    """Shard descriptions reading only the first ``limit`` samples of the dataset, in file order:
+    the shards are counted first (one Ray task each), then each reads its share."""
+    import ray
+
+    shards = [s.to_dict() for s in source.shards]
+    count = ray.remote(num_cpus=1)(_count_shard)
+    counts = ray.get([count.remote(shard, spec, source.s3) for shard in shards])
+    out = []
+    for shard, n in zip(shards, counts):
+        if limit <= 0:
+            break
+        if n:
+            out.append({**shard, "limit": min(n, limit)})
+            limit -= n
+    return out
 
 
 def open_source(recipe: Recipe, path: str | None = None) -> Dataset:
@@ -162,30 +208,43 @@ def open_source(recipe: Recipe, path: str | None = None) -> Dataset:
     return open_dataset(uri, S3Options.resolve(recipe.storage))
 
 
-def plan(recipe: Recipe, path: str | None = None) -> tuple[Dataset, Spec]:
-    """Open the dataset (headers only) and check model + template, in the driver."""
+def plan(recipe: Recipe, path: str | None = None, side: str = "train") -> tuple[Dataset, Spec]:
+    """Open the dataset (headers only) and check model + template, in the driver. The validation
+    split applies to the recipe's dataset_path only, not to another ``path``."""
     source = open_source(recipe, path)
-    spec = Spec.from_recipe(recipe, source.kind)
+    spec = Spec.from_recipe(recipe, source.kind, side, split=path is None)
     tools_for(spec)  # a bad model or template fails here, in the driver, not in a Ray task
     return source, spec
 
 
-def to_ray(source: Dataset, spec: Spec, batch_size: int):
-    """A lazy ray.data.Dataset of token rows for a planned source; Ray must be initialised."""
+def to_ray(source: Dataset, spec: Spec, batch_size: int, limit: int | None = None, tasks: int | None = None):
+    """A lazy ray.data.Dataset of token rows for a planned source (its first ``limit`` samples),
+    with at most ``tasks`` shards tokenized at once (empty: as many as the cluster has CPUs for);
+    Ray must be initialised."""
     import ray
 
-    shards = [{"shard": json.dumps(s.to_dict())} for s in source.shards]
+    described = first_samples(source, spec, limit) if limit else [s.to_dict() for s in source.shards]
+    if not described:
+        raise UserError(f"data.dataset_path {source.uri}: no samples to read" +
+                        (f" on the {spec.side} side of validation_split_percentage={spec.holdout}" if spec.holdout else ""))
+    shards = [{"shard": json.dumps(s)} for s in described]
     ds = ray.data.from_items(shards, override_num_blocks=len(shards))
     # This pipeline's own context (a copy): small output blocks stream out of a task as soon as a
     # batch is packed, instead of after the whole shard.
     ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
-    return ds.map_batches(ShardToRows(source.s3, spec, batch_size), batch_size=1)
+    return ds.map_batches(ShardToRows(source.s3, spec, batch_size), batch_size=1, concurrency=tasks)
 
 
-def build_dataset(recipe: Recipe, path: str | None = None):
-    """The recipe's dataset as token rows, ready for ray.train.get_dataset_shard."""
-    source, spec = plan(recipe, path)
-    return to_ray(source, spec, recipe.data.preprocessing_batch_size)
+def build_dataset(recipe: Recipe, path: str | None = None, side: str = "train"):
+    """The recipe's dataset (or ``path``) as token rows, ready for ray.train.get_dataset_shard: the
+    train side of the validation split, cut at max_train_samples, or the validation side."""
+    source, spec = plan(recipe, path, side)
+    return _rows(recipe, source, spec, path, side)
+
+
+def _rows(recipe: Recipe, source: Dataset, spec: Spec, path: str | None, side: str):
+    limit = recipe.data.max_train_samples if path is None and side == "train" else None
+    return to_ray(source, spec, recipe.data.preprocessing_batch_size, limit, recipe.data.preprocessing_num_workers)
 
 
 def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -235,7 +294,7 @@ STAT_KEYS = ("rows", "pad_rows", "samples", "tokens", "trained", "truncated", "u
 def dataset_stats(recipe: Recipe, path: str | None = None) -> dict[str, Any]:
     """Samples, tokens, truncation and packing efficiency, computed by the pipeline itself."""
     source, spec = plan(recipe, path)
-    ds = to_ray(source, spec, recipe.data.preprocessing_batch_size)
+    ds = _rows(recipe, source, spec, path, "train")
     parts = ds.map_batches(batch_stats, batch_size=4096).take_all()
     totals = {k: sum(int(p[k]) for p in parts) for k in STAT_KEYS}
     return summarize(totals, spec.block_size, spec.kind)

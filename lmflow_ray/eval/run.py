@@ -22,8 +22,7 @@ from lmflow_ray.data.sources import Dataset, open_dataset, read_shard
 from lmflow_ray.errors import DataError, UserError
 from lmflow_ray.eval import metrics
 from lmflow_ray.eval.score import Item, prepare, prompt_text
-from lmflow_ray.model.adapters import has_tokenizer
-from lmflow_ray.model.load import inference_dtype
+from lmflow_ray.model.load import load_for_inference, tokenizer_folder
 from lmflow_ray.model.locate import display_name, exact_uri, local_folder, split_adapter
 
 CHOICE_TYPES = ("multiple_choice", "binary_choice", "pubmedqa")
@@ -172,20 +171,15 @@ class ModelScorer:
     def __init__(self, base_uri: str, adapter_uri: str | None, s3: dict | None, threads: int, answer_type: str,
                  wanted: list[str], max_new_tokens: int, batch_size: int, torch_dtype: str, trust_remote_code: bool):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         torch.set_num_threads(max(1, threads))
         base = local_folder(base_uri, s3)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=inference_dtype(torch_dtype), trust_remote_code=trust_remote_code)
-        tokens_from = base
-        if adapter_uri:
-            from peft import PeftModel
-
-            adapter = local_folder(adapter_uri, s3)
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-            tokens_from = adapter if has_tokenizer(adapter) else base
-        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(tokens_from, trust_remote_code=trust_remote_code)
+        adapter = local_folder(adapter_uri, s3) if adapter_uri else None
+        model = load_for_inference(base, {"default": adapter} if adapter else None, dtype=torch_dtype,
+                                   trust_remote_code=trust_remote_code, merge=True)
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(base, adapter), trust_remote_code=trust_remote_code)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.answer_type, self.wanted = answer_type, set(wanted)
@@ -414,7 +408,7 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | st
         name = display_name(source)
         # The tokenizer and template come from the model itself, as the scorer loads them.
         adapter = local_folder(adapter_uri, s3) if adapter_uri else None
-        local = adapter if adapter and has_tokenizer(adapter) else local_folder(base_uri, s3)
+        local = tokenizer_folder(local_folder(base_uri, s3), adapter)
         source = open_eval_dataset(recipe)
         kind = source.kind
         check_request(recipe, kind, endpoint=False)

@@ -41,63 +41,41 @@ def adapter_base(folder: str | os.PathLike) -> str | None:
         return json.load(f).get("base_model_name_or_path")
 
 
-def has_tokenizer(folder: str | os.PathLike) -> bool:
-    """Whether a folder carries its own tokenizer (an adapter's beats its base's when it does)."""
-    return os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
-
-
-def trained_rope(adapter_folder: str | os.PathLike) -> dict:
-    """The RoPE scaling a LoRA run trained with (written next to its adapter), as recipe keys."""
-    import json
-
-    from lmflow_ray.model.load import ROPE_MARK
-
-    path = os.path.join(adapter_folder, "config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f).get(ROPE_MARK) or {}
-
-
-def load_with_adapter(base: str, adapter_folder: str | os.PathLike) -> Any:
-    """Base model (a folder or `default`) with the adapter on top, as a PeftModel; the base gets the
-    RoPE scaling the adapter was trained with."""
-    from peft import PeftModel
-
-    from lmflow_ray.model.load import load_model
-
-    section = ModelSection(model_name_or_path=base, **trained_rope(adapter_folder))
-    return PeftModel.from_pretrained(load_model(section), os.fspath(adapter_folder))
-
-
 MODEL_OUTPUT = "model"  # the kind of output folder merge and vocab extend write (storage.put_output)
 
 
-def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None) -> str:
+def merge_adapter(adapter_folder: str | os.PathLike, output: str | os.PathLike, base: str | None = None,
+                  s3: dict | None = None) -> str:
     """Base + adapter -> one standalone model folder (weights, config, tokenizer), written aside and
-    put in place when complete. ``output`` must be new or an earlier model output of ours: a run,
-    the adapter itself or any other folder with content is refused before any work."""
+    put in place when complete; the base (any model ``model.locate`` finds) gets the RoPE scaling
+    the adapter trained with. ``output`` (a folder or s3://) must be new or an earlier model output
+    of ours: a run, the adapter itself or any other folder with content is refused before any work."""
     import shutil
 
     from transformers import AutoTokenizer
 
     from lmflow_ray import storage
-    from lmflow_ray.embedded import resolve_model_path
+    from lmflow_ray.model.load import load_for_inference, tokenizer_folder
+    from lmflow_ray.model.locate import model_folder
 
+    adapter_folder = os.fspath(adapter_folder)
     if not is_adapter_folder(adapter_folder):
         raise UserError(f"{adapter_folder}: no adapter_config.json here (not a LoRA adapter folder)")
+    key = "--model_name_or_path" if base else f"{adapter_folder}/adapter_config.json: base_model_name_or_path"
     base = base or adapter_base(adapter_folder)
     if not base:
         raise UserError(f"{adapter_folder}/adapter_config.json: no base_model_name_or_path; pass --model_name_or_path")
-    output = os.path.abspath(output)
-    storage.check_output(output, MODEL_OUTPUT)
-    merged = load_with_adapter(base, adapter_folder).merge_and_unload()
-    tok_source = adapter_folder if has_tokenizer(adapter_folder) else resolve_model_path(base)
+    output = os.fspath(output)
+    output = output if storage.is_remote(output) else os.path.abspath(output)
+    storage.check_output(output, MODEL_OUTPUT, s3)
+    base_folder = model_folder(base, s3, key)
+    merged = load_for_inference(base_folder, {"default": adapter_folder}, dtype="float32", merge=True)
+    tok_source = tokenizer_folder(base_folder, adapter_folder)
     tmp = storage.new_output_dir(output)
     try:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_source).save_pretrained(tmp)
-        storage.put_output(tmp, output, MODEL_OUTPUT)
+        storage.put_output(tmp, output, MODEL_OUTPUT, s3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

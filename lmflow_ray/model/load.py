@@ -1,12 +1,16 @@
-"""Load a causal LM for training or inference from a folder, a cached name or `default`."""
+"""The one loader: a causal LM for training (``load_model``) or for inference with its LoRA
+adapters (``load_for_inference``: eval, serve and merge), from a folder that ``model.locate``
+found, with the RoPE scaling the model was trained with."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from lmflow_ray.config import ModelSection
-from lmflow_ray.embedded import resolve_model_path
 from lmflow_ray.errors import UserError
+from lmflow_ray.model.locate import model_folder
 
 def attention_implementation(section: ModelSection, say=None) -> str:
     """flash_attention_2 when asked for and installed on a GPU; sdpa otherwise, saying why when
@@ -104,14 +108,15 @@ def inference_dtype(torch_dtype: str) -> Any:
     return getattr(torch, torch_dtype)
 
 
-def load_model(section: ModelSection, dtype: str = "float32", device: Any = None) -> Any:
+def load_model(section: ModelSection, dtype: str = "float32", device: Any = None, s3: dict | None = None) -> Any:
     """AutoModelForCausalLM in ``dtype`` (training keeps float32 master weights; mixed precision
     is the strategy's job), with the recipe's RoPE scaling; for QLoRA quantized by bitsandbytes
-    and placed on ``device`` as it loads."""
+    and placed on ``device`` as it loads. The model may be anything ``model_folder`` finds: a
+    folder, `default`, a run or checkpoint, local or in object storage (fetched once per node)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_model_path(section.model_name_or_path)
+    path = model_folder(section.model_name_or_path, s3)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
         scale_rope(config, section)
@@ -123,11 +128,76 @@ def load_model(section: ModelSection, dtype: str = "float32", device: Any = None
             attn_implementation=attention_implementation(section), **extra,
         )
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.model_name_or_path: cannot load a model from {section.model_name_or_path!r} ({first})") from None
+        raise UserError(f"model.model_name_or_path: cannot load a model from {section.model_name_or_path!r} "
+                        f"({_first_line(err)})") from None
     if section.use_qlora:
         _own_memory(model)
     return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def trained_rope(adapter: str | os.PathLike, s3: dict | None = None) -> dict:
+    """The RoPE scaling a LoRA run trained with (its scaled base config is written next to the
+    adapter, local or in object storage), as recipe keys; {} when it trained at the base's own
+    positions."""
+    from lmflow_ray import storage
+
+    raw = storage.read_bytes(storage.join(os.fspath(adapter), "config.json"), s3)
+    return (json.loads(raw).get(ROPE_MARK) or {}) if raw else {}
+
+
+def adapters_rope(adapters: dict[str, str]) -> dict:
+    """The one RoPE scaling a set of adapters needs on their shared base; adapters trained with
+    different scalings cannot share one base model (positions would turn differently)."""
+    found = {name: trained_rope(folder) for name, folder in adapters.items()}
+    kinds = {json.dumps(rope, sort_keys=True) for rope in found.values()}
+    if len(kinds) > 1:
+        listed = ", ".join(f"{name} ({rope or 'none'})" for name, rope in found.items())
+        raise UserError(f"LoRA adapters trained with different RoPE scaling cannot share one base: {listed}; serve "
+                        "them in separate deployments, or merge each (`lmflow-ray merge`)")
+    return next(iter(found.values()), {})
+
+
+def load_for_inference(base_folder: str, adapters: dict[str, str] | None = None, *, dtype: str = "auto",
+                       trust_remote_code: bool = False, merge: bool = False) -> Any:
+    """The base model from a local folder with LoRA adapters (name -> local folder) on top, in eval
+    mode: a PeftModel whose adapters are switched by name, or with ``merge`` one plain model with
+    its single adapter merged in. The base gets the RoPE scaling the adapters trained with, so an
+    adapter trained past the native context is scored and served with the positions it learnt."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    adapters = adapters or {}
+    if merge and len(adapters) > 1:
+        raise ValueError("merge takes one adapter")
+    rope = adapters_rope(adapters)
+    try:
+        config = AutoConfig.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
+        scale_rope(config, ModelSection(model_name_or_path=base_folder, **rope))
+        model = AutoModelForCausalLM.from_pretrained(base_folder, config=config, dtype=inference_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{base_folder}: cannot load a model ({_first_line(err)})") from None
+    if adapters:
+        from peft import PeftModel
+
+        (first, folder), *rest = adapters.items()
+        model = PeftModel.from_pretrained(model, folder, adapter_name=first)
+        for name, folder in rest:
+            model.load_adapter(folder, adapter_name=name)
+        if merge:
+            model = model.merge_and_unload()
+    return model.eval()
+
+
+def tokenizer_folder(base_folder: str, adapter_folder: str | None = None) -> str:
+    """Where the tokenizer comes from: an adapter's own (saved with its run) beats its base's."""
+    if adapter_folder and os.path.isfile(os.path.join(adapter_folder, "tokenizer_config.json")):
+        return adapter_folder
+    return base_folder
 
 
 def _own_memory(model: Any) -> None:

@@ -1,5 +1,6 @@
-"""Where a model is: a folder, a training run or checkpoint (local or in object storage), or
-`default` (the embedded model), pinned to one exact URI and fetched into a local folder once."""
+"""Where a model is: a folder, a training run or checkpoint (local or in object storage), a
+Hugging Face hub id, or `default` (the embedded model), pinned to one exact URI and fetched into
+a local folder once per node. Train, eval, serve and merge all find their models here."""
 
 from __future__ import annotations
 
@@ -27,18 +28,29 @@ def display_name(uri: str) -> str:
     return parts[-1] if parts else uri
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(uri: str) -> bool:
+    """`org/name` (or `name`) that is no path here: a Hugging Face hub id, which transformers
+    resolves from its cache or the hub (offline here, so it fails there with its own message)."""
+    return (uri != DEFAULT_NAME and not storage.is_remote(uri) and _HUB_ID.fullmatch(uri) is not None
+            and not os.path.exists(uri.split("/", 1)[0]))
+
+
 def exact_uri(uri: str, s3: dict | None, key: str) -> str:
     """A run means its newest complete checkpoint's export, a checkpoint its export folder; `key`
     names the recipe field in the error when there is nothing there."""
-    if uri == DEFAULT_NAME:
+    if uri == DEFAULT_NAME or is_hub_id(uri):
         return uri
     if not storage.is_remote(uri) and not os.path.isdir(uri):
-        raise UserError(f"{key}: {uri!r} is not a folder here (give a model folder, a checkpoint or run URI, or `default`)")
+        raise UserError(f"{key}: {uri!r} is not a folder here (give a model folder, a checkpoint or run URI, a "
+                        "Hugging Face hub id, or `default`)")
     return storage.export_uri(uri if storage.is_remote(uri) else os.path.abspath(uri), s3)
 
 
 def is_adapter(uri: str, s3: dict | None) -> bool:
-    if uri == DEFAULT_NAME:
+    if uri == DEFAULT_NAME or is_hub_id(uri):
         return False
     fs, path = storage.filesystem(uri, s3)
     return fs.get_file_info(f"{path}/adapter_config.json").type.name == "File"
@@ -99,3 +111,14 @@ def local_folder(uri: str, s3: dict | None) -> str:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def model_folder(name_or_uri: str, s3: dict | None = None, key: str = "model.model_name_or_path") -> str:
+    """A local folder (or hub id) with the whole model ``name_or_uri`` stands for, for training on
+    it: a run or checkpoint means its export, object storage is fetched once per node. A LoRA
+    adapter is no whole model and is refused with what to do instead."""
+    uri = exact_uri(name_or_uri, s3, key)
+    if is_adapter(uri, s3):
+        raise UserError(f"{key}: {name_or_uri!r} is a LoRA adapter, not a whole model; give its base model, or merge "
+                        "it first (lmflow-ray merge --lora_model_path ADAPTER --output_model_path FOLDER)")
+    return local_folder(uri, s3)

@@ -128,25 +128,16 @@ class TransformersEngine:
                  dtype: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.01, threads: int | None = None,
                  trust_remote_code: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from lmflow_ray.data.templates import get_template
-        from lmflow_ray.model.load import context_length, inference_dtype
+        from lmflow_ray.model.load import context_length, load_for_inference
 
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=inference_dtype(dtype), trust_remote_code=trust_remote_code)
         self.adapters = list(adapters or {})
-        if adapters:
-            from peft import PeftModel
-
-            names = iter(adapters.items())
-            first, folder = next(names)
-            model = PeftModel.from_pretrained(model, folder, adapter_name=first)
-            for name, folder in names:
-                model.load_adapter(folder, adapter_name=name)
-        self.model = model.eval()
+        self.model = load_for_inference(base_folder, adapters, dtype=dtype, trust_remote_code=trust_remote_code)
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.device = next(self.model.parameters()).device

@@ -10,6 +10,7 @@ from typing import Any
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
 from lmflow_ray.errors import UserError
+from lmflow_ray.model.load import trained_rope
 from lmflow_ray.model.locate import fingerprint
 from lmflow_ray.serve import sources as model_sources
 from lmflow_ray.serve.front import deployment_options, front
@@ -72,6 +73,11 @@ def stage_adapters(recipe: Recipe, found: model_sources.Sources) -> str | None:
 
     if not found.adapters:
         return None
+    for name, uri in found.adapters.items():
+        if rope := trained_rope(uri, found.s3):
+            raise UserError(f"serve.engine vllm: the adapter {name} ({uri}) was trained with RoPE scaling {rope}, which "
+                            "vLLM would not apply to its base; merge it (lmflow-ray merge --lora_model_path ... "
+                            "--output_model_path ...) and serve the merged folder, or use engine: transformers")
     out = recipe.storage.output_model_path
     if not storage.is_remote(out):
         raise UserError("serve.engine vllm: Ray Serve LLM loads LoRA adapters only from object storage; set "

@@ -36,6 +36,55 @@ def measure_matmul_peak(device: Any, dtype: Any, size: int = 1024, repeats: int 
     return 2 * size**3 / best
 
 
+def hardware_peak(device: Any, dtype: Any) -> float:
+    """The MFU denominator for the whole run: the matmul peak of the hardware the ranks train on.
+    Ranks measure one after another (a rank measuring while another computes on the same cores
+    reads low, and MFU over 100% follows), each with its own threads; ranks that share one
+    machine's CPUs count that machine once at most: their sum is capped at its peak with all its
+    cores. GPUs are each their own hardware. Every rank gets the same total."""
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    where = f"{socket.gethostname()}:{device}" if device.type == "cuda" else socket.gethostname()
+    hosts = [where] * world
+    if world > 1:
+        dist.all_gather_object(hosts, where)
+    first_on_host = hosts.index(where) == rank
+    mine = machine = 0.0
+    for turn in range(world):
+        if turn == rank:
+            mine = measure_matmul_peak(device, dtype)
+            if first_on_host and device.type != "cuda":
+                threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0))
+                torch.set_num_threads(cores)
+                try:
+                    machine = measure_matmul_peak(device, dtype)
+                finally:
+                    torch.set_num_threads(threads)
+        if world > 1:
+            dist.barrier()
+    found = [(where, mine, machine)] * world
+    if world > 1:
+        dist.all_gather_object(found, (where, mine, machine))
+    return machine_totals(found)
+
+
+def machine_totals(found: list[tuple[str, float, float]]) -> float:
+    """Sum of (host, rank's peak, host's all-core peak or 0) over hosts, each host's ranks capped
+    at its all-core peak (GPUs report none: each counts in full)."""
+    per_host: dict[str, list[float]] = {}
+    for host, mine, machine in found:
+        entry = per_host.setdefault(host, [0.0, 0.0])
+        entry[0] += mine
+        entry[1] = max(entry[1], machine)
+    return sum(min(total, cap) if cap else total for total, cap in per_host.values())
+
+
 class Meter:
     """Accumulates tokens, loss and time between logging steps (per rank)."""
 
@@ -129,7 +178,8 @@ class TensorBoard:
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(f"train/{key}", value, step)
+                group, name = ("eval", key.removeprefix("eval_")) if key.startswith("eval_") else ("train", key)
+                self.writer.add_scalar(f"{group}/{name}", value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -137,7 +187,7 @@ class TensorBoard:
 
 
 def plot_loss(history: list[dict[str, Any]], path: str | Path) -> None:
-    """loss.png: training loss (and learning rate) against step."""
+    """loss.png: training loss, eval loss (when the run has a held-out set) and learning rate against step."""
     fig = loss_figure(history)  # first: it picks the Agg backend before pyplot loads
     import matplotlib.pyplot as plt
 
@@ -154,9 +204,13 @@ def loss_figure(history: list[dict[str, Any]]):
 
     rows = [h for h in history if "loss" in h]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], color="tab:blue", label="loss")
+    ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], color="tab:blue", label="training loss")
+    held = [h for h in history if "eval_loss" in h]
+    if held:
+        ax.plot([h["step"] for h in held], [h["eval_loss"] for h in held], color="tab:green", marker="o",
+                label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     lr = ax.twinx()
     lr.plot([h["step"] for h in rows], [h.get("learning_rate", 0) for h in rows], color="tab:orange", alpha=0.6, label="learning rate")
@@ -175,6 +229,7 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
     tps = [h["tokens_per_s"] for h in rows if "tokens_per_s" in h]
     mfu = [h["mfu"] for h in rows if "mfu" in h]
     mem = [h["peak_memory_mb"] for h in rows if "peak_memory_mb" in h]
+    held = [h for h in history if "eval_loss" in h]
     lines = [
         f"# Run `{info['run_name']}`",
         "",
@@ -188,6 +243,8 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
         f"| trainable parameters | {info['trainable_params']:,} of {info['total_params']:,} |",
         f"| loss | {first.get('loss', float('nan')):.4f} at step {first.get('step', '-')} -> "
         f"{last.get('loss', float('nan')):.4f} at step {last.get('step', '-')} |",
+        *([f"| eval loss | {held[0]['eval_loss']:.4f} at step {held[0]['step']} -> {held[-1]['eval_loss']:.4f} at step "
+           f"{held[-1]['step']} ({held[-1]['eval_tokens']:,} held-out tokens) |"] if held else []),
         f"| tokens/s (all workers, median) | {median(tps) if tps else math.nan:,.0f} |",
         f"| MFU (median) | {median(mfu) if mfu else math.nan:.2%} |",
         f"| peak memory (highest worker) | {max(mem) if mem else math.nan:,.0f} MB |",
@@ -195,11 +252,12 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
         "",
         "![loss](loss.png)",
         "",
-        "| step | loss | learning rate | grad norm | tokens/s | step time (s) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| step | loss |" + (" eval loss |" if held else "") + " learning rate | grad norm | tokens/s | step time (s) |",
+        "|---:|---:|" + ("---:|" if held else "") + "---:|---:|---:|---:|",
     ]
     for h in rows:
-        lines.append(f"| {h['step']} | {h['loss']:.4f} | {h.get('learning_rate', 0):.3g} | "
+        held_loss = (f" {h['eval_loss']:.4f} |" if "eval_loss" in h else " |") if held else ""
+        lines.append(f"| {h['step']} | {h['loss']:.4f} |{held_loss} {h.get('learning_rate', 0):.3g} | "
                      f"{h.get('grad_norm', float('nan')):.3f} | {h.get('tokens_per_s', 0):,.0f} | {h.get('step_time', 0):.3f} |")
     return "\n".join(lines) + "\n"
 

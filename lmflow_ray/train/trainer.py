@@ -19,6 +19,7 @@ from lmflow_ray.config import Recipe
 from lmflow_ray.data.pipeline import build_dataset, open_source
 from lmflow_ray.errors import UserError
 from lmflow_ray.lease import LEASE, Lease
+from lmflow_ray.model.locate import exact_uri, model_folder
 from lmflow_ray.storage import S3Options
 from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
 from lmflow_ray.train.plan import Plan, make_plan
@@ -32,6 +33,7 @@ class RunResult:
     resumed_from: int
     metrics: dict[str, Any]
     export_uri: str
+    merged_uri: str = ""  # save_aggregated_lora: the final adapter merged into its base
 
 
 def unique_run_name(prefix: str) -> str:
@@ -75,11 +77,37 @@ def check_data(recipe: Recipe) -> None:
             f"train` does supervised fine-tuning on {', '.join(SFT_TYPES)} data")
 
 
+def heldout_source(recipe: Recipe) -> tuple[str | None, str] | None:
+    """Where the eval loss during training comes from: (None, "validation") for the validation
+    split of dataset_path, (eval_dataset_path, "train") when eval_steps asks for it, else None."""
+    if recipe.data.validation_split_percentage:
+        return None, "validation"
+    if recipe.train.eval_steps is None:
+        return None
+    if not recipe.data.eval_dataset_path:
+        raise UserError("train.eval_steps: needs held-out data: set data.eval_dataset_path, or "
+                        "data.validation_split_percentage to hold out part of dataset_path")
+    return recipe.data.eval_dataset_path, "train"
+
+
+def eval_every(recipe: Recipe) -> int | None:
+    """Steps between eval losses (HF's default: the logging interval), or None for no eval."""
+    if heldout_source(recipe) is None:
+        return None
+    return recipe.train.eval_steps or recipe.train.logging_steps
+
+
 def preflight(recipe: Recipe) -> None:
     """Everything about a recipe that can be refused without Ray, before a cluster starts: the method
-    with its DeepSpeed config, and the dataset's type. Needs no Ray (call it before connecting)."""
+    with its DeepSpeed config, and the datasets' types. Needs no Ray (call it before connecting)."""
     check_method(recipe, recipe.train.num_workers)
     check_data(recipe)
+    held = heldout_source(recipe)
+    if held is not None and held[0] is not None:
+        kind = open_source(recipe, held[0]).kind
+        if kind not in SFT_TYPES:
+            raise UserError(f"data.eval_dataset_path {held[0]}: a {kind} dataset; the eval loss during training "
+                            f"needs {', '.join(SFT_TYPES)} data")
 
 
 def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool, say) -> storage.CheckpointInfo | None:
@@ -110,6 +138,27 @@ def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool
     return latest
 
 
+def eval_parts(recipe: Recipe, world: int) -> list | None:
+    """The held-out rows for the eval loss, materialised and split in ``world`` equal parts (every
+    rank runs the same number of forward passes), or None when the recipe asks for no eval."""
+    held = heldout_source(recipe)
+    if held is None:
+        return None
+    path, side = held
+    ds = build_dataset(recipe, path, side)
+    ds.context.execution_options.preserve_order = True
+    ds = ds.materialize()
+    rows = ds.count()
+    if rows < world:
+        where = path or f"{recipe.data.validation_split_percentage}% of {recipe.data.dataset_path}"
+        raise UserError(f"eval loss: {where} gives {rows} packed rows, fewer than the {world} workers; hold out more")
+    return ds.split(world, equal=True)
+
+
+def with_model(recipe: Recipe, model_name_or_path: str) -> Recipe:
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"model_name_or_path": model_name_or_path})})
+
+
 def token_parts(recipe: Recipe, world: int) -> list:
     """The packed rows, materialised in the cluster's object store, in a fixed order, split in ``world``."""
     ds = build_dataset(recipe)
@@ -133,12 +182,31 @@ def run(recipe: Recipe, name_prefix: str = "run", fresh: bool = False, say=print
     held = lease or Lease(run_uri, s3).acquire(say)
     try:
         result = _run(recipe, run_name, run_uri, s3, fresh, say, progress)
+        if recipe.storage.save_aggregated_lora:
+            result.merged_uri = merge_at_end(recipe, result, s3, say)
     finally:
         if lease is None:
             held.release()
     if held.lost:
         say(f"warning: another run took over {run_uri} while this one trained; check its checkpoints")
     return result
+
+
+def merge_at_end(recipe: Recipe, result: RunResult, s3: S3Options, say) -> str:
+    """LMFlow's save_aggregated_lora: the run's final adapter merged into its base, written whole
+    as <run folder>/merged (replacing an earlier merge of this run)."""
+    import tempfile
+
+    from lmflow_ray.model.adapters import merge_adapter
+
+    if not recipe.model.use_lora:
+        say("save_aggregated_lora: nothing to merge (no LoRA adapter: the export is the whole model)")
+        return ""
+    target = storage.join(result.run_uri, "merged")
+    say(f"save_aggregated_lora: merging the adapter into its base -> {target}")
+    with tempfile.TemporaryDirectory(prefix="lmflow-merge-") as cache:
+        adapter = storage.local_model_folder(result.export_uri, cache, s3)
+        return merge_adapter(adapter, target, s3=s3.to_dict())
 
 
 def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool, say, progress: bool) -> RunResult:
@@ -148,17 +216,30 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
     from lmflow_ray.train.worker import train_loop
 
     world = recipe.train.num_workers
+    # The base pinned to one exact URI (a run: its newest checkpoint now), so every worker, a resume
+    # and the adapter's base_model_name_or_path name the same weights; data reads its tokenizer here.
     resume = prepare(recipe, run_uri, s3, world, fresh, say)
+    base = exact_uri(recipe.model.model_name_or_path, s3.to_dict(), "model.model_name_or_path")
+    started_on = (resume.manifest or {}).get("base_model") if resume else None
+    pinned = started_on and (storage.is_remote(started_on) or os.path.isabs(started_on))  # older runs kept it as typed
+    if pinned and started_on != base:
+        say(f"resuming on the base this run started with, {started_on} (model_name_or_path now means {base})")
+        base = started_on
+    recipe = with_model(recipe, base)
+    tokens_from = model_folder(base, s3.to_dict())
     say(f"run {run_name}: " + (f"resuming from step {resume.step} ({resume.uri})" if resume else "starting") +
         f"; to resume later: run_name={run_name}")
 
     started = time.perf_counter()
-    parts = token_parts(recipe, world)
+    parts = token_parts(with_model(recipe, tokens_from), world)
+    held = eval_parts(with_model(recipe, tokens_from), world)
     rows = parts[0].count()
     plan = make_plan(rows, world, recipe.train)
     say(f"data: {rows * world:,} packed rows of up to {recipe.data.block_size} tokens, {rows:,} per worker "
         f"({time.perf_counter() - started:.1f}s); {plan.total_steps} steps of "
         f"{plan.micro_batch}x{plan.accumulation}x{world} rows, {plan.steps_per_epoch} per epoch")
+    if held is not None:
+        say(f"eval: {held[0].count() * world:,} held-out rows, eval loss every {eval_every(recipe)} steps and at the end")
     if resume and resume.step >= plan.total_steps:
         say(f"nothing to do: the run already reached step {resume.step} of {plan.total_steps}")
 
@@ -168,14 +249,15 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
         train_loop,
         # Python values, not JSON: credentials stay Secrets, which travel (and show) as references.
         train_loop_config={"recipe": recipe.model_dump(), "plan": plan.to_dict(), "run_uri": run_uri,
-                           "s3": s3.to_dict(), "board": board},
+                           "s3": s3.to_dict(), "board": board, "eval_every": eval_every(recipe)},
         scaling_config=ScalingConfig(num_workers=world, use_gpu=_use_gpu(recipe),
                                      resources_per_worker=recipe.train.resources_per_worker),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.storage.save_total_limit),
             failure_config=FailureConfig(max_failures=recipe.train.max_failures)),
-        datasets={f"train_{rank}": part for rank, part in enumerate(parts)},
+        datasets={**{f"train_{rank}": part for rank, part in enumerate(parts)},
+                  **{f"eval_{rank}": part for rank, part in enumerate(held or [])}},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     result = _fit_with_progress(trainer, board, plan, resume.step if resume else 0, progress)
@@ -231,7 +313,8 @@ class _bar:
         if self.tty:
             self.tqdm.n = step  # may go back after a restart from a checkpoint
             if metrics:
-                self.tqdm.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                shown = {"eval_loss": f"{metrics['eval_loss']:.4f}"} if "eval_loss" in metrics else {}
+                self.tqdm.set_postfix(loss=f"{metrics['loss']:.4f}", **shown, lr=f"{metrics['learning_rate']:.2e}",
                                       tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
             self.tqdm.refresh()
             if final:
@@ -240,7 +323,8 @@ class _bar:
             self.last_logged = metrics["step"]
             print(f"step {metrics['step']}/{self.tqdm.total}  loss {metrics['loss']:.4f}  "
                   f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
-                  f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}", file=sys.stderr, flush=True)
+                  f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}" +
+                  (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""), file=sys.stderr, flush=True)
 
 
 def _progress_board():

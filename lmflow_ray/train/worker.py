@@ -23,9 +23,10 @@ from lmflow_ray.data.tokenize import IGNORE_INDEX, load_tokenizer
 from lmflow_ray.errors import CheckpointWriteError
 from lmflow_ray.model.adapters import apply_lora
 from lmflow_ray.model.load import ROPE_MARK, load_model, matmul_parameters, parameter_counts
+from lmflow_ray.model.locate import model_folder
 from lmflow_ray.train.deepspeed import deepspeed_config
 from lmflow_ray.model.lisa import Lisa
-from lmflow_ray.train.observe import (BlockWatch, MemoryPeak, Meter, TensorBoard, flops_per_token, measure_matmul_peak,
+from lmflow_ray.train.observe import (BlockWatch, MemoryPeak, Meter, TensorBoard, flops_per_token, hardware_peak,
                                       plot_loss, summary_markdown)
 from lmflow_ray.train.plan import Plan
 from lmflow_ray.train.strategy import DDPStrategy, DeepSpeedStrategy, load_plain
@@ -44,8 +45,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # Model: the same seed on every rank, so LoRA's random init agrees everywhere.
     seed_everything(recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model.model_name_or_path, recipe.model.trust_remote_code)
-    model = load_model(recipe.model, device=device)
+    tokenizer = load_tokenizer(model_folder(recipe.model.model_name_or_path, s3), recipe.model.trust_remote_code)
+    model = load_model(recipe.model, device=device, s3=s3)
     if recipe.model.use_lora:
         model = apply_lora(model, recipe.model, gradient_checkpointing=recipe.train.gradient_checkpointing)
     if recipe.train.gradient_checkpointing:
@@ -84,13 +85,16 @@ def train_loop(config: dict[str, Any]) -> None:
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             storage.verify_local(folder, latest.manifest, latest.uri)  # before any (pickled) file is loaded
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
-    peak = measure_matmul_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)
+    peak = hardware_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)  # the whole run's
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
     meter = Meter()
     memory = MemoryPeak(device)
     watch = BlockWatch(lisa) if lisa is not None else None
     pad_to = None if recipe.data.packing else recipe.data.block_size
     shard = ray.train.get_dataset_shard(f"train_{rank}")
+    eval_every = config.get("eval_every")
+    held = ray.train.get_dataset_shard(f"eval_{rank}") if eval_every else None
+    eval_batch = recipe.train.per_device_eval_batch_size or recipe.train.per_device_train_batch_size
     strategy.module.train()
 
     # The loop.
@@ -115,10 +119,14 @@ def train_loop(config: dict[str, Any]) -> None:
         if board is not None and rank == 0:
             board.update.remote({"step": state["step"]})
 
-        if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done:
+        evaluate_now = held is not None and (state["step"] % eval_every == 0 or done)
+        if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done \
+                and not evaluate_now:
             continue
         metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world, memory.take(),
                                  strategy.optimizer_bytes())
+        if evaluate_now:  # after the step metrics are taken: eval time is not counted as training time
+            metrics.update(eval_loss(strategy, held, eval_batch, tokenizer.pad_token_id, pad_to, device))
         if watch is not None:
             metrics.update(lisa_metrics(watch, strategy, lisa, world))
         state["log_history"].append(metrics)
@@ -170,6 +178,30 @@ def steps(shard: Any, plan: Plan, start: int, seed: int) -> Iterator[tuple[int, 
             step += 1
 
 
+def eval_loss(strategy, shard: Any, batch_size: int, pad_id: int, pad_to: int | None, device: Any) -> dict[str, float]:
+    """Loss per trained token over this run's held-out rows (every rank its equal part, summed
+    over ranks), in eval mode without gradients; the model is back in train mode after."""
+    import math
+
+    strategy.module.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                inputs = to_device(collate_columns(batch, pad_id, pad_to), device)
+                trained = int((inputs["labels"] != IGNORE_INDEX).sum())
+                loss = strategy.model(**inputs, attention_mask=None, use_cache=False,
+                                      num_items_in_batch=torch.tensor(max(1, trained), device=device)).loss
+                total += torch.tensor([float(loss) * trained, trained], dtype=torch.float64)
+    finally:
+        strategy.module.train()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    loss_sum, trained = total.tolist()
+    mean = loss_sum / max(1.0, trained)
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(trained)}
+
+
 def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
@@ -177,14 +209,14 @@ def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Ten
 def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int,
                    memory: float, optimizer_bytes: float) -> dict[str, float]:
     """Sums over every rank: loss, tokens and FLOPs since the last logging step; the highest
-    worker's memory peak and optimizer state."""
+    worker's memory peak and optimizer state; MFU against ``peak``, the run's hardware peak."""
     elapsed = meter.elapsed()
-    totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops, peak], dtype=torch.float64)
+    totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops], dtype=torch.float64)
     highest = torch.tensor([memory, optimizer_bytes], dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
-    loss_sum, tokens, trained, flops, peaks = totals.tolist()
+    loss_sum, tokens, trained, flops = totals.tolist()
     return {
         "step": step,
         "epoch": round(step / plan.steps_per_epoch, 4),
@@ -195,7 +227,7 @@ def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: fl
         "trained_tokens_per_s": trained / elapsed,
         "step_time": elapsed / max(1, meter.steps),
         "flops_per_s": flops / elapsed,
-        "mfu": flops / elapsed / peaks if peaks else 0.0,
+        "mfu": flops / elapsed / peak if peak else 0.0,  # peak: the hardware of every rank (hardware_peak)
         "peak_memory_mb": highest[0].item() / 2**20,  # CUDA allocator peak, or resident size on CPU
         "optimizer_state_mb": highest[1].item() / 2**20,
     }
