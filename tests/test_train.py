@@ -169,3 +169,30 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, s3_server, 
     assert clean_state["resumed_at"] == []
     assert [h["loss"] for h in state["log_history"]] == pytest.approx([h["loss"] for h in clean_state["log_history"]], rel=1e-5)
 
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 320 KB tmpfs: room for a run folder's lease, not for a checkpoint (disk full mid-run)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()[:200]})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_at_a_checkpoint_ends_the_run_with_one_line_naming_it(ray_local, tiny_model_dir, orders, small_disk):
+    from lmflow_ray.errors import CheckpointWriteError, unwrap_user_error
+
+    with pytest.raises(BaseException) as raised:
+        run(recipe(tiny_model_dir, orders, small_disk, "max_steps=2", "save_steps=2", "run_name=full-disk"))
+    err = unwrap_user_error(raised.value)
+    assert isinstance(err, CheckpointWriteError), raised.value
+    assert err.uri == f"{small_disk}/full-disk/checkpoint_000002"
+    message = str(err)
+    assert "\n" not in message and "No space left on device" in message and err.exit_code == 1
+    assert message.startswith(f"writing checkpoint {small_disk}/full-disk/checkpoint_000002 failed: ")

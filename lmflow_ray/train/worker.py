@@ -228,6 +228,7 @@ def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: fl
         "step_time": elapsed / max(1, meter.steps),
         "flops_per_s": flops / elapsed,
         "mfu": flops / elapsed / peak if peak else 0.0,  # peak: the hardware of every rank (hardware_peak)
+        "peak_flops_per_s": peak,
         "peak_memory_mb": highest[0].item() / 2**20,  # CUDA allocator peak, or resident size on CPU
         "optimizer_state_mb": highest[1].item() / 2**20,
     }
