@@ -2,12 +2,14 @@
 # wheels), then the project and its test tools, then the embedded default model.
 # Packages go in with uv (pinned in constraints.txt; it resolves the same versions as pip, in
 # about 20 s instead of 4.5 min). uv does not read pip's config, so a find-links folder that pip
-# is told about (this machine's on-disk torch CPU wheel) is passed on to it.
+# is told about (this machine's on-disk torch CPU wheel) is passed on to it. Bytecode is compiled at
+# install, as pip does: with PYTHONDONTWRITEBYTECODE set (as here) every Ray worker and CLI process
+# would otherwise compile torch, transformers and Ray from source each time it imports them.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-PIP    := $(BIN)/uv pip install --python $(BIN)/python -q -c constraints.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
+PIP    := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
