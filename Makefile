@@ -8,6 +8,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# pytest-xdist workers for `make test`: each runs its own Ray cluster and S3 server; two fill the
+# CPU time one leaves idle (imports, start-ups, waits) on a 2-core machine.
+TEST_WORKERS ?= 2
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 PIP    := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
 export MALLOC_MMAP_THRESHOLD_ := 33554432
@@ -63,7 +66,7 @@ demo: model ops
 test: install
 	$(MAKE) --no-print-directory vllm
 	$(MAKE) --no-print-directory -j4 model ops vllm-check browser
-	$(BIN)/python -m pytest -q --durations=40
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=40
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -313,14 +313,15 @@ def cmd_serve(args: argparse.Namespace, extras: list[str]) -> int:
     import time
 
     from lmflow_ray.ray_init import connect
-    from lmflow_ray.serve.app import APP_NAME, build_app
+    from lmflow_ray.serve.app import APP_NAME, plan_app
 
     target, overrides = _split(extras)
     recipe = _recipe(target, overrides)
-    app = build_app(recipe)  # resolves the model and engine first: bad input fails before Ray starts
+    bind = plan_app(recipe)  # resolves the model and engine first: bad input fails before Ray starts
     section = recipe.serve
     print("starting Ray ...", file=sys.stderr)
     connect(args.address)
+    app = bind()
     from ray import serve
 
     from lmflow_ray.serve.front import start_serve

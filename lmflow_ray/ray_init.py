@@ -16,6 +16,9 @@ WORKER_ENV = {
 }
 
 
+_joined = False  # whether connect() started or joined the Ray this process uses
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """ray.init once per process, with a runtime env that every worker gets. Worker output stays
     in Ray's log files (the dashboard shows it), not on this terminal."""
@@ -25,8 +28,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    global _joined
     if ray.is_initialized():
-        return
+        if _joined:
+            return
+        # Something read Ray's runtime context first, which starts a default Ray: the address and
+        # the runtime env below would be ignored. A bug of ours, not of the user's input.
+        raise RuntimeError("Ray was started in this process before connect(); connect() must come first")
     from lmflow_ray.credentials import publish_pending
 
     kwargs = dict(runtime_env=_runtime_env(), log_to_driver=False, logging_level="ERROR")
@@ -45,6 +53,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             object_store_memory=int(min(2 << 30, total * 0.15)),
             **kwargs,
         )
+    _joined = True
     publish_pending()  # credentials read before Ray started (a Serve app built first) reach the cluster
 
 

@@ -64,6 +64,15 @@ def test_a_secret_pickles_as_a_reference_that_a_ray_task_redeems(ray_local):
     assert value == S3_SECRET and S3_SECRET not in shown + as_json
 
 
+def test_connect_refuses_a_ray_that_something_else_started(ray_local):
+    """A Ray started before connect() (reading Ray's runtime context does it) would take the place of
+    the user's --address and of the runtime env that carries no secret: a bug, said so."""
+    from lmflow_ray.ray_init import connect
+
+    with pytest.raises(RuntimeError, match="before connect"):
+        connect("127.0.0.1:6379")
+
+
 def test_the_vllm_app_carries_no_credential_and_serves_only_the_api(ray_local, s3_server, tmp_path):
     pytest.importorskip("vllm")
     from ray import cloudpickle

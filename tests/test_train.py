@@ -125,10 +125,20 @@ def test_full_zero3_offload_checkpoints_and_resumes(ray_local, s3_server, tiny_m
 
 
 def _train_workers(since: float):
-    """This run's Ray Train worker processes (earlier runs' workers may still be shutting down)."""
-    return [p for p in psutil.process_iter(["cmdline", "create_time"])
-            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")
-            and p.info["create_time"] >= since]
+    """This run's Ray Train worker processes: children of this session's raylet (another test
+    session's cluster may train beside it) started since the run began (earlier runs' workers may
+    still be shutting down)."""
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    found = []
+    for p in raylet.children(recursive=True):
+        try:
+            if p.cmdline() and p.cmdline()[0].startswith("ray::RayTrainWorker") and p.create_time() >= since:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_local, s3_server, tiny_model_dir, orders):

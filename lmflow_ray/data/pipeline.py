@@ -183,19 +183,26 @@ def _count_shard(shard: dict, spec: Spec, s3: dict) -> int:
 
 def first_samples(source: Dataset, spec: Spec, limit: int) -> list[dict]:
     """Shard descriptions reading only the first ``limit`` samples of the dataset, in file order:
-    the shards are counted first (one Ray task each), then each reads its share."""
+    the shards are counted in order (one Ray task each, as many at once as the cluster has CPUs),
+    until the limit is reached; then each reads its share."""
     import ray
 
     shards = [s.to_dict() for s in source.shards]
     count = ray.remote(num_cpus=1)(_count_shard)
-    counts = ray.get([count.remote(shard, spec, source.s3) for shard in shards])
+    window = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    refs: list = []
     out = []
-    for shard, n in zip(shards, counts):
-        if limit <= 0:
-            break
+    for i, shard in enumerate(shards):
+        while len(refs) < min(len(shards), i + window):
+            refs.append(count.remote(shards[len(refs)], spec, source.s3))
+        n = ray.get(refs[i])
         if n:
             out.append({**shard, "limit": min(n, limit)})
             limit -= n
+        if limit <= 0:
+            for ref in refs[i + 1:]:
+                ray.cancel(ref)
+            break
     return out
 
 

@@ -108,15 +108,17 @@ def inference_dtype(torch_dtype: str) -> Any:
     return getattr(torch, torch_dtype)
 
 
-def load_model(section: ModelSection, dtype: str = "float32", device: Any = None, s3: dict | None = None) -> Any:
+def load_model(section: ModelSection, dtype: str = "float32", device: Any = None, s3: dict | None = None,
+               folder: str | None = None) -> Any:
     """AutoModelForCausalLM in ``dtype`` (training keeps float32 master weights; mixed precision
     is the strategy's job), with the recipe's RoPE scaling; for QLoRA quantized by bitsandbytes
     and placed on ``device`` as it loads. The model may be anything ``model_folder`` finds: a
-    folder, `default`, a run or checkpoint, local or in object storage (fetched once per node)."""
+    folder, `default`, a run or checkpoint, local or in object storage (fetched once per node);
+    ``folder`` is where ``model_folder`` already found it (not looked up again)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = model_folder(section.model_name_or_path, s3)
+    path = folder or model_folder(section.model_name_or_path, s3)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=section.trust_remote_code)
         scale_rope(config, section)

@@ -3,14 +3,14 @@ an optional API key and an admission limit, on the vLLM engine (Ray Serve LLM) o
 transformers engine; autoscaling from the recipe.
 
 ``serve run lmflow_ray.serve.app:app_builder recipe=jobs/serve_default.yaml`` and the files in
-serve_apps/ use ``app_builder``; ``lmflow-ray serve`` calls ``build_app``.
+serve_apps/ use ``app_builder``; ``lmflow-ray serve`` calls ``plan_app`` before it connects.
 """
 
 # No `from __future__ import annotations` here: the deployment class travels to replicas by value,
 # and FastAPI must see real types (Request) on its handlers, not strings to look up there.
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Request
 
@@ -292,15 +292,22 @@ class _CompletionShape:
 
 # ---- entry points ----------------------------------------------------------------------------------
 
-def build_app(recipe: Recipe) -> Any:
-    """The Serve application for a recipe (the model, adapters and serve section)."""
+def plan_app(recipe: Recipe) -> Callable[[], Any]:
+    """Resolves the model, adapters and engine of a recipe without Ray (bad input fails before a
+    cluster starts) and returns what binds the Serve application once Ray is connected."""
     engine = choose_engine(recipe.serve.engine)
     sources = model_sources.resolve(recipe)
     if engine == "vllm":
-        from lmflow_ray.serve.vllm_app import build_vllm_app
+        from lmflow_ray.serve.vllm_app import plan_vllm_app
 
-        return build_vllm_app(recipe, sources)
-    return _transformers_deployment(recipe, sources)
+        return plan_vllm_app(recipe, sources)
+    app = _transformers_deployment(recipe, sources)
+    return lambda: app
+
+
+def build_app(recipe: Recipe) -> Any:
+    """The Serve application for a recipe (the model, adapters and serve section); Ray connected."""
+    return plan_app(recipe)()
 
 
 def app_builder(args: dict[str, Any]) -> Any:

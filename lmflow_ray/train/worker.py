@@ -45,8 +45,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     # Model: the same seed on every rank, so LoRA's random init agrees everywhere.
     seed_everything(recipe.train.seed)
-    tokenizer = load_tokenizer(model_folder(recipe.model.model_name_or_path, s3), recipe.model.trust_remote_code)
-    model = load_model(recipe.model, device=device, s3=s3)
+    base = model_folder(recipe.model.model_name_or_path, s3)  # the pinned URI, fetched once per node
+    tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
+    model = load_model(recipe.model, device=device, s3=s3, folder=base)
     if recipe.model.use_lora:
         model = apply_lora(model, recipe.model, gradient_checkpointing=recipe.train.gradient_checkpointing)
     if recipe.train.gradient_checkpointing:
