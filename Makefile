@@ -5,6 +5,7 @@
 # is told about (this machine's on-disk torch CPU wheel) is passed on to it. Bytecode is compiled at
 # install, as pip does: with PYTHONDONTWRITEBYTECODE set (as here) every Ray worker and CLI process
 # would otherwise compile torch, transformers and Ray from source each time it imports them.
+# install-excludes.txt names what is never installed (and why).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +13,8 @@ BIN    := $(VENV)/bin
 # CPU time one leaves idle (imports, start-ups, waits) on a 2-core machine.
 TEST_WORKERS ?= 2
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-PIP    := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
+PIP    := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt \
+          --excludes install-excludes.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -22,7 +24,7 @@ export HF_HUB_OFFLINE := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt install-excludes.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt uv
 	$(PIP) torch==2.13.0
@@ -66,7 +68,7 @@ demo: model ops
 test: install
 	$(MAKE) --no-print-directory vllm
 	$(MAKE) --no-print-directory -j4 model ops vllm-check browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=40
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=40
 
 clean:
 	rm -rf $(VENV) .pytest_cache

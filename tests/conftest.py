@@ -17,18 +17,58 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 
-# `make test` runs the suite on two pytest-xdist workers, a module to a worker (--dist loadscope:
-# module fixtures are built once). Modules go out slowest first (seconds alone on a 2-core box, a
-# clean-clone run), so the two workers finish at about the same time; unlisted ones follow.
-MODULE_SECONDS = {
-    "test_methods": 455, "test_train": 365, "test_serve_cli": 360, "test_readme": 275, "test_job_submit": 270,
-    "test_demo": 230, "test_eval": 200, "test_pipeline": 110, "test_serve": 85, "test_embedded": 60,
-    "test_bad_data": 30,
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): tests go out one at a
+# time, longest first, so the two finish together; an xdist_group (a module whose tests share
+# state or fixtures worth building once) goes to one worker as a whole, in order. Seconds each alone
+# on a 2-core box (a clean-clone run); only the order depends on them, and unlisted tests count 1.
+TEST_SECONDS = {
+    "test_readme_serve_command_runs_on_vllm_with_an_s3_adapter": 340,
+    "test_ray_job_submit_trains_into_s3_serves_and_shows_no_credential": 270,
+    "test_shortened_demo_runs_the_whole_chain": 230,
+    "test_a_killed_worker_resumes_from_the_last_checkpoint": 135,
+    "test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling": 135,
+    "test_readme_command_runs_as_written": 20,
+    "test_lora_zero2_on_s3_resumes_exports_and_merges": 107,
+    "test_full_zero3_offload_checkpoints_and_resumes": 92,
+    "test_a_served_endpoint_gives_the_same_answers_as_the_folder": 83,
+    "test_lisa_on_ddp_samples_the_same_blocks_on_every_rank_and_frees_state": 57,
+    "test_qlora_trains_a_4bit_base_exports_and_merges": 51,
+    "test_vocab_extension_then_rope_scaled_training_past_the_native_context": 50,
+    "test_schemathesis_finds_no_server_error": 45,
+    "test_lmflow_scripts_train_as_written": 40,
+    "test_ray_train_workers_read_their_shards": 41,
+    "test_a_full_disk_at_a_checkpoint_ends_the_run_with_one_line_naming_it": 33,
+    "test_bad_row_in_a_ray_task_is_one_clean_line": 33,
+    "test_sharded_jsonl_on_ray_equals_one_process": 30,
+    "test_openai_client_chat_stream_completion_and_models": 26,
+    "test_recipe_validation_renders_every_instance_with_its_template": 26,
+    "test_bad_eval_requests_exit_2_naming_the_problem": 25,
+    "test_folder_eval_accuracy_nll_and_files": 23,
+    "test_a_lora_checkpoint_in_s3": 20,
+    "test_readme_local_chat_needs_no_server": 16,
+    "test_choice_questions_are_scored_by_option_likelihood": 12,
+    "test_text_nll_uses_block_size_windows_like_lmflow": 11,
+    "test_math_answers_are_read_as_the_final_number": 11,
+    "test_preview_raw_is_the_official_rendering": 11,
+    "test_preview_marks_exactly_the_reply": 10,
+    "test_web_page_streams_a_reply_in_headless_chromium": 9,
 }
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: -MODULE_SECONDS.get(item.module.__name__.rpartition(".")[2], 0))  # stable
+    def group(item):
+        mark = item.get_closest_marker("xdist_group")
+        return (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark else None
+
+    def seconds(item):
+        return TEST_SECONDS.get(getattr(item, "originalname", item.name), 1)
+
+    groups: dict = {}
+    for item in items:
+        if group(item) is not None:
+            groups[group(item)] = groups.get(group(item), 0) + seconds(item)
+    # Stable: a group's tests keep their order (and stay together, all with the group's total).
+    items.sort(key=lambda item: -(groups[group(item)] if group(item) is not None else seconds(item)))
 
 
 @pytest.fixture(scope="session")

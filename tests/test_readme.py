@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme")]  # in order, on one worker: merge needs train's run
 
 
 def commands():

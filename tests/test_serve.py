@@ -16,6 +16,8 @@ import requests
 
 from s3server import free_ports
 
+pytestmark = pytest.mark.xdist_group("serve")  # one worker deploys the module's app once
+
 KEY = "sk-lmflow-test"
 
 
