@@ -46,15 +46,29 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kwargs)
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        ray.init(
-            address="local",
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            object_store_memory=int(min(2 << 30, total * 0.15)),
-            **kwargs,
-        )
+        start_local(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                    object_store_memory=int(min(2 << 30, total * 0.15)), **kwargs)
     _joined = True
     publish_pending()  # credentials read before Ray started (a Serve app built first) reach the cluster
+
+
+def start_local(**kwargs) -> None:
+    """ray.init of a private single-node cluster, started once more if its node does not register
+    in time: Ray waits a fixed 30 s for that, which a machine busy with other work can miss."""
+    import sys
+
+    import ray
+
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception for it
+            if attempt == 2 or "timed out during startup" not in str(err):
+                raise
+            print("Ray's local node did not come up within Ray's 30 s (a busy machine?); starting it once more",
+                  file=sys.stderr, flush=True)
+            ray.shutdown()
 
 
 def on_loopback(address: str) -> bool:

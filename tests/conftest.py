@@ -75,11 +75,11 @@ def pytest_collection_modifyitems(items):
 def ray_local():
     import ray
 
-    from lmflow_ray.ray_init import WORKER_ENV
+    from lmflow_ray.ray_init import WORKER_ENV, start_local
 
     temp = tempfile.mkdtemp(prefix="lr-ray-")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=384 << 20,
-             _temp_dir=temp, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+    start_local(num_cpus=4, include_dashboard=False, object_store_memory=384 << 20, _temp_dir=temp,
+                runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
     from lmflow_ray.ray_init import quiet_data_logs
 
     quiet_data_logs()
