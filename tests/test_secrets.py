@@ -79,7 +79,7 @@ def test_the_vllm_app_carries_no_credential_and_serves_only_the_api(ray_local, s
 
     from lmflow_ray import storage
     from lmflow_ray.serve import sources
-    from lmflow_ray.serve.vllm_app import _served_app, build_vllm_app
+    from lmflow_ray.serve.vllm_app import _served_app, plan_vllm_app
 
     s3 = {"endpoint_url": s3_server.endpoint, "access_key": s3_server.access_key, "secret_key": s3_server.secret_key}
     for team in ("teamA", "teamB"):  # the same adapter name in two places
@@ -94,7 +94,7 @@ def test_the_vllm_app_carries_no_credential_and_serves_only_the_api(ray_local, s
             f"aws_secret_access_key={s3_server.secret_key}", f"api_key={API_KEY}",
             f"lora_adapters={{demo: s3://lmflow-secrets/{team}/demo}}", "output_model_path=s3://lmflow-secrets/staging"])
         found = sources.resolve(recipe)
-        app = build_vllm_app(recipe, found)
+        app = plan_vllm_app(recipe, found)()  # bound as `lmflow-ray serve` binds it, once connected
         blob = cloudpickle.dumps(app)  # what Serve keeps for the deployments: init args, options, the app
         for value in (s3_server.secret_key, API_KEY):
             assert value.encode() not in blob, team

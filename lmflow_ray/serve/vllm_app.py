@@ -162,11 +162,6 @@ def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], 
     return lambda: _bind(section, found, config, options, env, keys, lora_root, refuse)
 
 
-def build_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Any:
-    """The vLLM application, bound (Ray connected)."""
-    return plan_vllm_app(recipe, found)()
-
-
 def _bind(section: Any, found: model_sources.Sources, config: Any, options: dict[str, Any], env: dict[str, str],
           keys: Any, lora_root: str | None, refuse: str | None) -> Any:
     from ray import serve
