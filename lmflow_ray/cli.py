@@ -276,7 +276,17 @@ def cmd_demo(args: argparse.Namespace, extras: list[str]) -> int:
     from lmflow_ray.demo import main as demo_main
 
     target, overrides = _split(extras)
-    return demo_main(_recipe(target or "jobs/demo_lora.yaml", overrides), args.address)
+    recipe = _recipe(target or "jobs/demo_lora.yaml", overrides)
+    if recipe.train.objective == "dpo":  # the alignment demo: a reward model and DPO on preference pairs
+        from lmflow_ray.demo_align import run_align_demo
+
+        reward = _recipe(args.reward_recipe, overrides)
+        if reward.train.objective != "reward":
+            raise UserError(f"--reward_recipe {args.reward_recipe}: train.objective is {reward.train.objective}; the "
+                            "alignment demo's reward model needs train.objective: reward")
+        run_align_demo(recipe, reward, args.address, say=lambda line: print(line, flush=True, file=sys.stdout))
+        return 0
+    return demo_main(recipe, args.address)
 
 
 # ---- eval -------------------------------------------------------------------------------------
@@ -445,8 +455,11 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = verbs.add_parser("demo", help="base eval -> LoRA train -> tuned eval -> serve -> ask: [RECIPE] [overrides] "
-                         "(default jobs/demo_lora.yaml)", allow_abbrev=False)
+                         "(default jobs/demo_lora.yaml); a DPO recipe (jobs/demo_dpo.yaml) runs the alignment demo: "
+                         "base eval -> reward model -> DPO -> tuned eval", allow_abbrev=False)
     _address_flag(d)
+    d.add_argument("--reward_recipe", default="jobs/reward_model.yaml",
+                   help="the alignment demo's reward-model recipe (default jobs/reward_model.yaml)")
     d.set_defaults(func=cmd_demo)
 
     sv = verbs.add_parser("serve", help="deploy a model on Ray Serve behind the OpenAI API: RECIPE [overrides]", allow_abbrev=False)

@@ -97,6 +97,8 @@ class DataSection(_Section):
     packing: bool = Field(True, description="pack samples into block_size rows; false = LMFlow's pad-to-block")
     preprocessing_batch_size: int = Field(1024, ge=1, description="rows per tokenize/pack batch (the packing window)")
     preprocessing_num_workers: int | None = Field(None, ge=1, description="at most this many shards tokenized at once (Ray tasks); empty = as many as there are CPUs")
+    mask_prompt: bool = Field(True, description="preference pairs: train only on where chosen and rejected differ (the replies); false = every assistant token")
+    max_prompt_length: int | None = Field(None, ge=1, description="preference pairs: cut the shared prompt to its last N tokens")
 
 
 class TrainSection(_Section):
@@ -125,6 +127,13 @@ class TrainSection(_Section):
     use_lisa: bool = False
     lisa_activated_layers: int = Field(1, ge=1)
     lisa_interval_steps: int = Field(20, ge=1)
+    objective: Literal["sft", "reward", "dpo"] = Field("sft", description="sft | reward (a score head on paired_conversation data) | dpo (the DPO family on paired_conversation data)")
+    beta: float = Field(0.1, gt=0, description="dpo: the KL strength β (simpo: the reward scale)")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = Field("sigmoid", description="dpo: sigmoid (DPO; cDPO with label_smoothing), hinge, ipo, simpo (reference-free)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo sigmoid / simpo: ε, the share of pairs assumed mislabelled (cDPO)")
+    simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin γ")
+    margin_scale: float = Field(1.0, ge=0.0, description="dpo: multiplies a pair's `margin` field in the loss")
+    precompute_ref_log_probs: bool | None = Field(None, description="dpo: the reference's log-probs computed once before training (always for full fine-tuning); empty = LoRA uses its base with the adapter disabled")
 
 
 class StorageSection(_Section):

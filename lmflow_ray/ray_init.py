@@ -106,3 +106,16 @@ def quiet_data_logs() -> None:
     import ray.data  # noqa: F401  (configures its loggers on import; override after)
 
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+
+
+def model_copies(asked: int = 0) -> tuple[int, float, float]:
+    """(model copies, CPUs each, GPUs each) for a batch-inference job on this cluster: ``asked``
+    copies, or else one per GPU, or one per 4 CPUs."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
+    n = asked or (gpus if gpus else max(1, cpus // 4))
+    if gpus:
+        return n, 1.0, 1.0
+    return n, float(max(1, cpus // n)), 0.0

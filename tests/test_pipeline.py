@@ -150,21 +150,40 @@ def test_stats_report_packing_against_pad_to_block(tmp_path, ray_local, tiny_mod
     assert unpacked["rows_packed"] == 600
 
 
-def test_paired_conversations_are_tokenized_per_side_and_counted(tmp_path, ray_local, tiny_model_dir):
+def segments_of(rows):
+    """(ids, labels[1:]) of every segment of packed rows, in order."""
+    out = []
+    for r in rows:
+        at = 0
+        for n in r["lengths"]:
+            out.append((tuple(r["input_ids"][at:at + n]), tuple(r["labels"][at + 1:at + n])))
+            at += n
+    return out
+
+
+def test_paired_conversations_pack_whole_pairs_and_are_counted(tmp_path, ray_local, tiny_model_dir):
     rows = chat_rows(40, seed=6)
-    pairs = [{"chosen": r, "rejected": {"messages": r["messages"][:1] + [{"role": "assistant", "content": "no"}]}}
+    pairs = [{"chosen": r, "rejected": {"messages": r["messages"][:-1] + [{"role": "assistant", "content": "no"}]}}
              for r in rows]
     (tmp_path / "p.json").write_text(json.dumps({"type": "paired_conversation", "instances": pairs}))
-    got = build_dataset(recipe_for(tmp_path / "p.json", tiny_model_dir)).take_all()
-    assert len(got) == 40
-    chosen = expected_samples(rows, tiny_model_dir, 256)
-    assert collections.Counter((tuple(r["chosen_input_ids"]), tuple(r["chosen_labels"][1:])) for r in got) == chosen
+    # mask_prompt=false: each side is trained as SFT trains it (every assistant turn).
+    got = build_dataset(recipe_for(tmp_path / "p.json", tiny_model_dir, mask_prompt="false", block_size=1024)).take_all()
+    assert sum(len(r["lengths"]) for r in got) == 80 and len(got) < 40  # pairs share rows
+    assert all(len(r["input_ids"]) <= 2 * 1024 and len(r["margins"]) * 2 == len(r["lengths"]) for r in got)
+    segments = segments_of(got)
+    assert collections.Counter(segments[0::2]) == expected_samples(rows, tiny_model_dir, 1024)  # chosen, then rejected
+    # mask_prompt (the default): only the final replies are trained, the rejected one being "no"; at
+    # block_size 256 long conversations lose the start of their prompt, never the reply.
+    masked = build_dataset(recipe_for(tmp_path / "p.json", tiny_model_dir)).take_all()
+    for ids, labels in segments_of(masked)[1::2]:
+        at = [i for i, t in enumerate(labels) if t != IGNORE_INDEX]
+        assert 0 < len(at) <= 4 and at == list(range(at[0], at[-1] + 1))  # one short run: "no" and its end token
     stats = dataset_stats(recipe_for(tmp_path / "p.json", tiny_model_dir))
-    tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in got)
-    trained = sum(int((np.asarray(r[k]) != IGNORE_INDEX).sum()) for r in got for k in ("chosen_labels", "rejected_labels"))
-    assert (stats["samples"], stats["rows_packed"], stats["tokens"], stats["trained_tokens"]) == (40, 80, tokens, trained)
-    assert trained > 0 and stats["packing_efficiency"] == pytest.approx(tokens / (80 * 256))
-    assert stats["packing_efficiency"] < 1
+    tokens = sum(len(r["input_ids"]) for r in masked)
+    trained = sum(int((np.asarray(r["labels"]) != IGNORE_INDEX).sum()) for r in masked)
+    assert (stats["samples"], stats["rows_packed"], stats["tokens"], stats["trained_tokens"]) == (40, len(masked), tokens, trained)
+    assert stats["packing_efficiency"] == pytest.approx(tokens / (len(masked) * 512))
+    assert stats["pad_to_block_efficiency"] == pytest.approx(tokens / (40 * 512))
 
 
 def test_batches_feed_a_model_through_the_collate_function(tmp_path, ray_local, tiny_model_dir):

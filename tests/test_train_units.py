@@ -145,7 +145,7 @@ def test_paired_data_is_refused_for_sft_before_ray(tmp_path, fmt):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert out.startswith(f"refused: data.dataset_path {path}: a paired_conversation dataset"), out
-    assert "needs a preference objective (a reward model or DPO)" in out and "not have yet" in out
+    assert "needs a preference objective: train.objective=reward (a reward model) or train.objective=dpo" in out
     assert "ray imported: False" in out  # refused from the file headers, no cluster started
 
 
@@ -239,3 +239,25 @@ def test_summary_and_loss_png_show_the_eval_loss_when_there_is_one(tmp_path):
     fig = loss_figure(history)
     labels = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
     assert labels == ["training loss", "eval loss", "learning rate"]
+
+
+def test_preference_objectives_refuse_unpaired_data_and_a_live_reference_without_lora(tmp_path):
+    from lmflow_ray.config import load_recipe
+    from lmflow_ray.train.trainer import preflight
+
+    chat = tmp_path / "chat.json"
+    chat.write_text(json.dumps({"type": "conversation", "instances": [GOOD]}))
+    for objective in ("reward", "dpo"):
+        with pytest.raises(UserError, match=f"a conversation dataset; train.objective={objective} learns from "
+                                            "paired_conversation data"):
+            preflight(load_recipe(None, [f"dataset_path={chat}", f"objective={objective}"]))
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps({"type": "paired_conversation", "instances": [PAIR]}))
+    preflight(load_recipe(None, [f"dataset_path={pairs}", "objective=dpo"]))  # full: the reference is precomputed
+    with pytest.raises(UserError, match="precompute_ref_log_probs: false needs LoRA"):
+        preflight(load_recipe(None, [f"dataset_path={pairs}", "objective=dpo", "precompute_ref_log_probs=false"]))
+    preflight(load_recipe(None, [f"dataset_path={pairs}", "objective=dpo", "precompute_ref_log_probs=false",
+                                 "use_lora=true"]))
+    with pytest.raises(UserError, match="eval_dataset_path .*a conversation dataset"):
+        preflight(load_recipe(None, [f"dataset_path={pairs}", "objective=reward", f"eval_dataset_path={chat}",
+                                     "eval_steps=2"]))

@@ -105,13 +105,15 @@ def build() -> dict[str, str]:
             for name, rows in files.items()}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_or_check(files: dict[str, str], here: Path, description: str) -> int:
+    """A generator's command line: write ``files`` under ``here``, or with --check exit 1 if the
+    committed files differ."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
     args = parser.parse_args()
     stale = []
-    for name, text in build().items():
-        path = HERE / name
+    for name, text in files.items():
+        path = here / name
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(str(path))
@@ -123,6 +125,10 @@ def main() -> int:
         print("stale: " + ", ".join(stale), file=sys.stderr)
         return 1
     return 0
+
+
+def main() -> int:
+    return write_or_check(build(), HERE, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -163,7 +163,13 @@ def check_instance(kind: str, row: Any) -> dict[str, Any]:
         return {"text": _text(row["text"], "text")}
     if kind == "text2text":
         return _with_options({"input": _text(row["input"], "input", allow_empty=True), "output": _text(row["output"], "output")}, row)
-    return {"chosen": check_conversation(row["chosen"], "chosen"), "rejected": check_conversation(row["rejected"], "rejected")}
+    pair = {"chosen": check_conversation(row["chosen"], "chosen"), "rejected": check_conversation(row["rejected"], "rejected")}
+    if row.get("margin") is not None:  # how much better chosen is (TRL / OpenRLHF's per-pair margin)
+        margin = row["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin or abs(margin) == float("inf"):
+            raise Invalid("margin", f"expected a finite number, got {_kind(margin)}")
+        pair["margin"] = float(margin)
+    return pair
 
 
 def check_type_name(value: Any) -> str:

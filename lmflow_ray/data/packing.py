@@ -50,6 +50,69 @@ def pack(samples: list[Encoded], block_size: int) -> list[Row]:
     return rows
 
 
+def last_reply(labels: list[int]) -> int:
+    """Where the last run of trained tokens starts (the final reply), or len(labels) if none."""
+    at = len(labels)
+    while at > 0 and labels[at - 1] == IGNORE_INDEX:
+        at -= 1
+    while at > 0 and labels[at - 1] != IGNORE_INDEX:
+        at -= 1
+    return at if any(label != IGNORE_INDEX for label in labels) else len(labels)
+
+
+def prepare_side(side: Encoded, block_size: int, mask_prompt: bool, max_prompt_length: int | None) -> Encoded:
+    """One side of a preference pair, untruncated in: with ``mask_prompt`` only its final reply is
+    trained; ``max_prompt_length`` keeps the prompt's last N tokens (TRL's keep-end). A side still
+    longer than ``block_size`` loses the start of its prompt first (the reply is what a pair
+    compares), then the end of its reply."""
+    ids, labels = list(side.input_ids), list(side.labels)
+    reply = last_reply(labels)
+    if mask_prompt:
+        labels = [IGNORE_INDEX] * reply + labels[reply:]
+    cut = reply - max_prompt_length if max_prompt_length is not None and reply > max_prompt_length else 0
+    over = len(ids) - cut > block_size
+    if over:
+        cut = min(reply, len(ids) - block_size)
+    ids, labels = ids[cut:], labels[cut:]
+    return Encoded(ids[:block_size], labels[:block_size], side.truncated or over)
+
+
+@dataclass
+class PairRow(Row):
+    margins: list[float] = field(default_factory=list)
+
+    def add_pair(self, chosen: Encoded, rejected: Encoded, margin: float) -> None:
+        self.add(chosen)
+        self.add(rejected)
+        self.margins.append(margin)
+
+
+def pack_pairs(pairs: list[tuple[Encoded, Encoded, float]], capacity: int | None) -> list[PairRow]:
+    """Preference pairs into rows, each pair whole (its chosen segment, then its rejected one):
+    best-fit decreasing into rows of ``capacity`` tokens, or one pair per row (None)."""
+    if capacity is None:
+        rows = []
+        for chosen, rejected, margin in pairs:
+            row = PairRow()
+            row.add_pair(chosen, rejected, margin)
+            rows.append(row)
+        return rows
+    rows = []
+    free: list[tuple[int, int]] = []
+    for chosen, rejected, margin in sorted(pairs, key=lambda p: len(p[0].input_ids) + len(p[1].input_ids), reverse=True):
+        need = len(chosen.input_ids) + len(rejected.input_ids)
+        at = bisect.bisect_left(free, (need, -1))
+        if at < len(free):
+            room, index = free.pop(at)
+        else:
+            rows.append(PairRow())
+            room, index = capacity, len(rows) - 1
+        rows[index].add_pair(chosen, rejected, margin)
+        if room - need > 0:
+            bisect.insort(free, (room - need, index))
+    return rows
+
+
 def one_per_row(samples: list[Encoded]) -> list[Row]:
     """LMFlow's layout: one sample per row (the collate function pads it to the block size)."""
     rows = []

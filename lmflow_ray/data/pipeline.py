@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lmflow_ray.config import Recipe
-from lmflow_ray.data.packing import group_texts, one_per_row, pack
+from lmflow_ray.data.packing import group_texts, one_per_row, pack, pack_pairs, prepare_side
 from lmflow_ray.data.sources import Dataset, open_dataset, read_shard
 from lmflow_ray.data.templates import get_template
 from lmflow_ray.data.tokenize import IGNORE_INDEX, Encoded, adds_bos, encode_rendered, load_tokenizer, render
@@ -41,6 +41,8 @@ class Spec:
     packing: bool
     holdout: int = 0  # percent of the samples held out for validation (a fixed hash split)
     side: str = "train"  # with a holdout: which side to read, train or validation
+    mask_prompt: bool = True  # preference pairs: train on the final replies only
+    max_prompt_length: int | None = None  # preference pairs: the prompt's last N tokens
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, kind: str, side: str = "train", split: bool = True) -> "Spec":
@@ -54,6 +56,8 @@ class Spec:
             packing=recipe.data.packing,
             holdout=recipe.data.validation_split_percentage if split else 0,
             side=side,
+            mask_prompt=recipe.data.mask_prompt,
+            max_prompt_length=recipe.data.max_prompt_length,
         )
 
 
@@ -99,21 +103,26 @@ def encode(instances: list[dict[str, Any]], spec: Spec, side: str | None = None)
     kind = "conversation" if side else spec.kind
     convs = [inst[side] for inst in instances] if side else instances
     rendered = [render(kind, c, tokenizer, template, with_bos) for c in convs]
-    # text_only documents are never cut here: group_texts splits the concatenation into blocks.
-    limit = sys.maxsize if kind == "text_only" else spec.block_size
+    # text_only documents are never cut here: group_texts splits the concatenation into blocks;
+    # nor are pair sides: their prompt is cut first (prepare_side).
+    limit = sys.maxsize if kind == "text_only" or side else spec.block_size
     return encode_rendered(rendered, tokenizer, limit, spec.train_on_prompt)
 
 
 def process(instances: list[dict[str, Any]], spec: Spec) -> dict[str, list]:
     """One batch of validated instances -> columns of token rows."""
     if spec.kind == "paired_conversation":
-        chosen, rejected = encode(instances, spec, "chosen"), encode(instances, spec, "rejected")
+        sides = [[prepare_side(e, spec.block_size, spec.mask_prompt, spec.max_prompt_length) for e in encode(instances, spec, side)]
+                 for side in ("chosen", "rejected")]
+        pairs = [(c, r, inst.get("margin", 0.0)) for c, r, inst in zip(*sides, instances)]
+        # A pair row holds up to two sides of block_size tokens each.
+        rows = pack_pairs(pairs, 2 * spec.block_size if spec.packing else None)
         return {
-            "chosen_input_ids": [e.input_ids for e in chosen],
-            "chosen_labels": [e.labels for e in chosen],
-            "rejected_input_ids": [e.input_ids for e in rejected],
-            "rejected_labels": [e.labels for e in rejected],
-            "num_truncated": [int(c.truncated) + int(r.truncated) for c, r in zip(chosen, rejected)],
+            "input_ids": [r.input_ids for r in rows],
+            "labels": [r.labels for r in rows],
+            "lengths": [r.lengths for r in rows],
+            "margins": [r.margins for r in rows],
+            "num_truncated": [r.truncated for r in rows],
         }
     encoded = encode(instances, spec)
     if spec.kind == "text_only":
@@ -257,18 +266,11 @@ def _rows(recipe: Recipe, source: Dataset, spec: Spec, path: str | None, side: s
 def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
     """Per-batch totals for `data stats` (one row out per batch in). ``pad_rows`` is how many rows
     LMFlow's layout (one sample per block_size row) would need for the same samples."""
-    if "lengths" not in batch:  # paired_conversation: each side is a row of its own, never packed
-        sides = [np.asarray(x) for key in ("chosen_labels", "rejected_labels") for x in batch[key]]
-        pairs = len(batch["chosen_labels"])
-        return {"rows": [2 * pairs], "pad_rows": [2 * pairs], "samples": [pairs],
-                "tokens": [sum(len(x) for x in sides)],
-                "trained": [sum(int((x != IGNORE_INDEX).sum()) for x in sides)],
-                "truncated": [int(np.sum(batch["num_truncated"]))],
-                "untrained": [sum(1 for x in sides if not (x != IGNORE_INDEX).any())]}
+    paired = "margins" in batch  # preference rows: a sample is a pair (two segments)
     samples = tokens = trained = untrained = 0
     for labels, lengths in zip(batch["labels"], batch["lengths"]):
         labels = np.asarray(labels)
-        samples += len(lengths)
+        samples += len(lengths) // 2 if paired else len(lengths)
         tokens += len(labels)
         mask = labels != IGNORE_INDEX
         trained += int(mask.sum())
@@ -279,7 +281,10 @@ def batch_stats(batch: dict[str, np.ndarray]) -> dict[str, list]:
 
 
 def summarize(totals: dict[str, int], block_size: int, kind: str) -> dict[str, Any]:
+    """The totals as `data stats` shows them; a preference row holds two sides of block_size, so
+    its efficiency is against twice that (the widest micro-batch the row can be padded to)."""
     samples, tokens, rows, pad_rows = totals["samples"], totals["tokens"], totals["rows"], totals["pad_rows"]
+    width = block_size * (2 if kind == "paired_conversation" else 1)
     return {
         "type": kind,
         "samples": samples,
@@ -289,9 +294,9 @@ def summarize(totals: dict[str, int], block_size: int, kind: str) -> dict[str, A
         "samples_with_nothing_to_learn": totals["untrained"],
         "block_size": block_size,
         "rows_packed": rows,
-        "packing_efficiency": tokens / (rows * block_size) if rows else 0.0,
+        "packing_efficiency": tokens / (rows * width) if rows else 0.0,
         "rows_pad_to_block": pad_rows,
-        "pad_to_block_efficiency": tokens / (pad_rows * block_size) if pad_rows else 0.0,
+        "pad_to_block_efficiency": tokens / (pad_rows * width) if pad_rows else 0.0,
     }
 
 

@@ -92,8 +92,9 @@ def read_instances(recipe: Recipe, source: Dataset, check: Callable[[dict], None
 def check_request(recipe: Recipe, kind: str, endpoint: bool) -> None:
     """Refuse, before any work, what the dataset or the model source cannot give."""
     wanted = set(recipe.eval.metric)
-    if kind == "paired_conversation":
-        raise UserError("eval: a paired_conversation dataset has no single reference answer; use conversation, text2text or text_only")
+    if kind == "paired_conversation" and endpoint:
+        raise UserError("eval: a paired_conversation dataset is scored by a reward model's pairwise accuracy; a server "
+                        "returns text, not rewards: evaluate the reward model's run or folder instead")
     if kind == "text_only" and "acc" in wanted:
         raise UserError("eval.metric acc: a text_only dataset has no answers to check; use metric=nll or metric=ppl")
     if endpoint and not wanted - {"nll", "ppl"}:
@@ -241,14 +242,37 @@ class EndpointScorer:
 def workers_for(recipe: Recipe) -> tuple[int, float, float]:
     """(model copies, CPUs each, GPUs each): one copy per GPU, else one per 4 CPUs, unless
     eval_num_workers says otherwise."""
-    import ray
+    from lmflow_ray.ray_init import model_copies
 
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-    n = recipe.eval.eval_num_workers or (gpus if gpus else max(1, cpus // 4))
-    if gpus:
-        return n, 1.0, 1.0
-    return n, float(max(1, cpus // n)), 0.0
+    return model_copies(recipe.eval.eval_num_workers)
+
+
+def evaluate_pairs(recipe: Recipe, source: Dataset, shown: str, name: str, s3: dict, started: float,
+                   say: Callable[[str], None]) -> EvalResult:
+    """A reward model on held-out pairs: both sides scored (the reward-scoring job), accuracy is
+    the share of pairs whose chosen side scores higher; also the mean margin and rewards."""
+    from lmflow_ray.ray_init import model_copies
+    from lmflow_ray.train.rewards import reward_model_uris, score_conversations
+
+    reward_model_uris(recipe, s3)  # refused before any instance is read, unless it has a score head
+    output = recipe.eval.eval_output_dir or _default_output(recipe, name)
+    storage.check_output(output, EVAL_OUTPUT, s3)
+    instances = read_instances(recipe, source)
+    say(f"eval: {len(instances)} pairs of {dataset_uri(recipe)} with the reward model {shown}")
+    rewards = score_conversations(recipe, [inst[side] for inst in instances for side in ("chosen", "rejected")], say)
+    records = [{"index": i, "reward_chosen": c, "reward_rejected": r, "correct": c > r}
+               for i, (c, r) in enumerate(zip(rewards[0::2], rewards[1::2]))]
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    chosen = sum(r["reward_chosen"] for r in records) / n
+    rejected = sum(r["reward_rejected"] for r in records) / n
+    result = EvalResult(model=shown, dataset=dataset_uri(recipe), kind="paired_conversation", answer_type="pairwise",
+                        metrics={"acc": correct / n, "margin": chosen - rejected, "reward_chosen": chosen,
+                                 "reward_rejected": rejected},
+                        count=n, correct=correct, tokens=0, seconds=round(time.time() - started, 1),
+                        workers=model_copies(recipe.eval.eval_num_workers)[0], output=output, predictions=records)
+    write_outputs(result, s3)
+    return result
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -293,7 +317,7 @@ def aggregate(recipe: Recipe, rows: list[dict[str, Any]], outputs: list[dict[str
 
 
 def markdown(result: EvalResult) -> str:
-    names = {"acc": "accuracy", "acc_loglik": "accuracy (option log-likelihood)", "nll": "NLL per token", "ppl": "perplexity"}
+    names = {"acc": "pairwise accuracy" if result.answer_type == "pairwise" else "accuracy", "acc_loglik": "accuracy (option log-likelihood)", "nll": "NLL per token", "ppl": "perplexity"}
     lines = [f"# Evaluation: {result.model}", "", f"dataset `{result.dataset}` ({result.kind}, {result.count} instances), "
              f"answer type `{result.answer_type}`", "", "| metric | value |", "|---|---:|"]
     for key, value in result.metrics.items():
@@ -412,6 +436,8 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | st
         source = open_eval_dataset(recipe)
         kind = source.kind
         check_request(recipe, kind, endpoint=False)
+        if kind == "paired_conversation":
+            return evaluate_pairs(recipe, source, shown, name, s3, started, say)
         spec = Spec(model_name_or_path=local, trust_remote_code=recipe.model.trust_remote_code,
                     conversation_template=recipe.data.conversation_template, kind=kind, block_size=recipe.data.block_size,
                     train_on_prompt=False, packing=False)

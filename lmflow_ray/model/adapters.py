@@ -9,9 +9,11 @@ from lmflow_ray.config import ModelSection
 from lmflow_ray.errors import UserError
 
 
-def apply_lora(model: Any, section: ModelSection, gradient_checkpointing: bool = False) -> Any:
+def apply_lora(model: Any, section: ModelSection, gradient_checkpointing: bool = False, head: str = "causal_lm") -> Any:
     """Wrap ``model`` in a PeftModel with the recipe's r / alpha / dropout / targets / DoRA flag;
-    a quantized (QLoRA) base is first readied for k-bit training (norms in fp32, input grads on)."""
+    a quantized (QLoRA) base is first readied for k-bit training (norms in fp32, input grads on).
+    A score head (``head="score"``, a reward model) is trained in full next to the adapters and
+    saved with them (peft's sequence-classification task)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if section.use_qlora:
@@ -20,7 +22,8 @@ def apply_lora(model: Any, section: ModelSection, gradient_checkpointing: bool =
 
     config = LoraConfig(
         r=section.lora_r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
-        target_modules=section.lora_target_modules, use_dora=section.use_dora, task_type="CAUSAL_LM",
+        target_modules=section.lora_target_modules, use_dora=section.use_dora,
+        task_type="SEQ_CLS" if head == "score" else "CAUSAL_LM",
     )
     try:
         peft_model = get_peft_model(model, config)

@@ -108,15 +108,22 @@ def inference_dtype(torch_dtype: str) -> Any:
     return getattr(torch, torch_dtype)
 
 
+HEADS = ("causal_lm", "score")
+
+
 def load_model(section: ModelSection, dtype: str = "float32", device: Any = None, s3: dict | None = None,
-               folder: str | None = None) -> Any:
+               folder: str | None = None, head: str = "causal_lm", pad_token_id: int | None = None) -> Any:
     """AutoModelForCausalLM in ``dtype`` (training keeps float32 master weights; mixed precision
     is the strategy's job), with the recipe's RoPE scaling; for QLoRA quantized by bitsandbytes
     and placed on ``device`` as it loads. The model may be anything ``model_folder`` finds: a
     folder, `default`, a run or checkpoint, local or in object storage (fetched once per node);
-    ``folder`` is where ``model_folder`` already found it (not looked up again)."""
+    ``folder`` is where ``model_folder`` already found it (not looked up again).
+
+    ``head="score"``: AutoModelForSequenceClassification with one output (a reward model, as
+    LMFlow and TRL save it: the causal LM's body, a new ``score`` layer; an exported reward model
+    loads with its trained head), with ``pad_token_id`` set so the standard export scores batches."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = folder or model_folder(section.model_name_or_path, s3)
     try:
@@ -125,7 +132,13 @@ def load_model(section: ModelSection, dtype: str = "float32", device: Any = None
         extra: dict[str, Any] = {}
         if section.use_qlora:
             extra = {"quantization_config": quantization_config(section, device), "device_map": {"": device or "cpu"}}
-        model = AutoModelForCausalLM.from_pretrained(
+        loader = AutoModelForCausalLM
+        if head == "score":
+            loader = AutoModelForSequenceClassification
+            config.num_labels = 1
+            if config.pad_token_id is None and pad_token_id is not None:
+                config.pad_token_id = pad_token_id
+        model = loader.from_pretrained(
             path, config=config, dtype=getattr(torch, dtype), trust_remote_code=section.trust_remote_code,
             attn_implementation=attention_implementation(section), **extra,
         )

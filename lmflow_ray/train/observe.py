@@ -103,21 +103,22 @@ def machine_totals(found: list[tuple[str, float, float]]) -> float:
 
 
 class Meter:
-    """Accumulates tokens, loss and time between logging steps (per rank)."""
+    """Accumulates the objective's sums (loss, trained tokens, ...), real tokens, FLOPs and time
+    between logging steps (per rank)."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.tokens = self.trained = self.steps = 0
-        self.loss_sum = 0.0
+        self.tokens = self.steps = 0
         self.flops = 0.0
+        self.sums: dict[str, float] = {}
 
-    def add(self, loss: float, tokens: int, trained: int, flops: float) -> None:
-        self.loss_sum += loss
+    def add(self, tally: dict[str, float], tokens: int, flops: float) -> None:
+        for key, value in tally.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.tokens += tokens
-        self.trained += trained
         self.flops += flops
 
     def elapsed(self) -> float:
@@ -220,7 +221,28 @@ def loss_figure(history: list[dict[str, Any]]):
     import matplotlib.pyplot as plt
 
     rows = [h for h in history if "loss" in h]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    # Preference objectives: a second panel with pairwise accuracy and the reward margin.
+    acc_key = next((k for k in ("rewards/accuracies", "accuracy") if any(k in h for h in rows)), None)
+    if acc_key is None:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    else:
+        fig, (ax, pref) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
+        margin_key = "rewards/margins" if acc_key == "rewards/accuracies" else "margin"
+        pref.plot([h["step"] for h in rows], [h[acc_key] for h in rows], color="tab:blue", label="pairwise accuracy")
+        held = [h for h in history if f"eval_{acc_key}" in h]
+        if held:
+            pref.plot([h["step"] for h in held], [h[f"eval_{acc_key}"] for h in held], color="tab:green", marker="o",
+                      label="eval pairwise accuracy")
+        pref.set_ylim(-0.05, 1.05)
+        pref.set_ylabel("accuracy")
+        pref.set_xlabel("step")
+        pref.grid(alpha=0.3)
+        margin = pref.twinx()
+        margin.plot([h["step"] for h in rows], [h[margin_key] for h in rows], color="tab:purple", alpha=0.7,
+                    label="reward margin")
+        margin.set_ylabel("chosen - rejected reward")
+        handles = pref.get_legend_handles_labels()[0] + margin.get_legend_handles_labels()[0]
+        pref.legend(handles=handles, loc="lower right", frameon=False)
     ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], color="tab:blue", label="training loss")
     held = [h for h in history if "eval_loss" in h]
     if held:
@@ -237,6 +259,20 @@ def loss_figure(history: list[dict[str, Any]]):
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(handles), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _pair_lines(first: dict, last: dict, held: list[dict]) -> list[str]:
+    """summary.md rows for preference objectives: pairwise accuracy and reward margin."""
+    key = next((k for k in ("rewards/accuracies", "accuracy") if k in last), None)
+    if key is None:
+        return []
+    margin = "rewards/margins" if key == "rewards/accuracies" else "margin"
+    lines = [f"| pairwise accuracy | {first[key]:.1%} at step {first['step']} -> {last[key]:.1%} at step {last['step']} |",
+             f"| reward margin | {first[margin]:.4f} -> {last[margin]:.4f} |"]
+    if held and f"eval_{key}" in held[-1]:
+        lines.append(f"| eval pairwise accuracy | {held[0][f'eval_{key}']:.1%} at step {held[0]['step']} -> "
+                     f"{held[-1][f'eval_{key}']:.1%} at step {held[-1]['step']} |")
+    return lines
 
 
 def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str:
@@ -261,7 +297,9 @@ def summary_markdown(info: dict[str, Any], history: list[dict[str, Any]]) -> str
         f"| loss | {first.get('loss', float('nan')):.4f} at step {first.get('step', '-')} -> "
         f"{last.get('loss', float('nan')):.4f} at step {last.get('step', '-')} |",
         *([f"| eval loss | {held[0]['eval_loss']:.4f} at step {held[0]['step']} -> {held[-1]['eval_loss']:.4f} at step "
-           f"{held[-1]['step']} ({held[-1]['eval_tokens']:,} held-out tokens) |"] if held else []),
+           f"{held[-1]['step']}" + (f" ({held[-1]['eval_tokens']:,} held-out tokens)" if "eval_tokens" in held[-1] else "")
+           + " |"] if held else []),
+        *_pair_lines(first, last, held),
         f"| tokens/s (all workers, median) | {median(tps) if tps else math.nan:,.0f} |",
         f"| MFU (median) | {median(mfu) if mfu else math.nan:.2%} |",
         f"| peak memory (highest worker) | {max(mem) if mem else math.nan:,.0f} MB |",

@@ -22,6 +22,7 @@ from lmflow_ray.lease import LEASE, Lease
 from lmflow_ray.model.locate import exact_uri, model_folder
 from lmflow_ray.storage import S3Options
 from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
+from lmflow_ray.train.objectives import needs_reference_pass
 from lmflow_ray.train.plan import Plan, make_plan
 
 
@@ -60,21 +61,41 @@ def check_method(recipe: Recipe, world: int) -> None:
     if recipe.model.use_qlora and stage == 3:
         raise UserError(f"model.use_qlora: a quantized base cannot be partitioned by ZeRO-3 ({recipe.train.deepspeed!r}); "
                         "use zero2 or DDP")
+    train = recipe.train
+    if train.objective == "dpo" and train.precompute_ref_log_probs is False and not recipe.model.use_lora \
+            and train.loss_type != "simpo":
+        raise UserError("train.precompute_ref_log_probs: false needs LoRA (the reference is the base with the adapter "
+                        "disabled); full fine-tuning precomputes the reference's log-probs, so no second model sits "
+                        "in the training workers (leave it empty or true)")
 
 
-# The dataset types supervised fine-tuning learns from (each renders to one text with trained spans).
+# The dataset types each objective learns from: supervised fine-tuning from texts (each renders to
+# one text with trained spans), reward models and DPO from chosen / rejected pairs.
 SFT_TYPES = ("text_only", "text2text", "conversation")
+PAIR_TYPES = ("paired_conversation",)
+
+
+def data_types(recipe: Recipe) -> tuple[str, ...]:
+    return SFT_TYPES if recipe.train.objective == "sft" else PAIR_TYPES
+
+
+def check_kind(recipe: Recipe, kind: str, where: str) -> None:
+    """A dataset's type must suit the objective, found from the file headers before a cluster
+    starts (not as a KeyError on a worker)."""
+    objective = recipe.train.objective
+    if kind in data_types(recipe):
+        return
+    if objective == "sft":
+        raise UserError(f"{where}: a paired_conversation dataset (chosen / rejected pairs) needs a preference "
+                        "objective: train.objective=reward (a reward model) or train.objective=dpo; supervised "
+                        f"fine-tuning (train.objective=sft) learns from {', '.join(SFT_TYPES)} data")
+    raise UserError(f"{where}: a {kind} dataset; train.objective={objective} learns from paired_conversation data "
+                    "(instances with `chosen` and `rejected` conversations)")
 
 
 def check_data(recipe: Recipe) -> None:
-    """The dataset's type must suit the objective, found from the file headers before a cluster starts
-    (not as a KeyError on a worker): SFT learns from text, text2text and conversations."""
     source = open_source(recipe)
-    if source.kind == "paired_conversation":
-        raise UserError(
-            f"data.dataset_path {source.uri}: a paired_conversation dataset (chosen / rejected pairs) needs a "
-            "preference objective (a reward model or DPO), which lmflow-ray does not have yet; `lmflow-ray "
-            f"train` does supervised fine-tuning on {', '.join(SFT_TYPES)} data")
+    check_kind(recipe, source.kind, f"data.dataset_path {source.uri}")
 
 
 def heldout_source(recipe: Recipe) -> tuple[str | None, str] | None:
@@ -104,10 +125,7 @@ def preflight(recipe: Recipe) -> None:
     check_data(recipe)
     held = heldout_source(recipe)
     if held is not None and held[0] is not None:
-        kind = open_source(recipe, held[0]).kind
-        if kind not in SFT_TYPES:
-            raise UserError(f"data.eval_dataset_path {held[0]}: a {kind} dataset; the eval loss during training "
-                            f"needs {', '.join(SFT_TYPES)} data")
+        check_kind(recipe, open_source(recipe, held[0]).kind, f"data.eval_dataset_path {held[0]}")
 
 
 def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool, say) -> storage.CheckpointInfo | None:
@@ -132,15 +150,18 @@ def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool
         raise UserError(
             f"{latest.uri}: written by {saved_world} workers with ZeRO-{saved_stage}, whose optimizer state is "
             f"partitioned per worker; resume with num_workers={saved_world}, or start over with --fresh")
+    if latest.manifest.get("objective", "sft") != recipe.train.objective:
+        raise UserError(f"{latest.uri}: a {latest.manifest.get('objective', 'sft')} run; the recipe asks for "
+                        f"train.objective={recipe.train.objective} (use --fresh or another run_name)")
     if latest.manifest.get("method") != recipe.method:
         raise UserError(f"{latest.uri}: a {latest.manifest.get('method')} checkpoint; the recipe asks for "
                         f"{recipe.method} (use --fresh or another run_name)")
     return latest
 
 
-def eval_parts(recipe: Recipe, world: int) -> list | None:
-    """The held-out rows for the eval loss, materialised and split in ``world`` equal parts (every
-    rank runs the same number of forward passes), or None when the recipe asks for no eval."""
+def eval_rows(recipe: Recipe, world: int) -> Any:
+    """The held-out rows for the eval loss, materialised in a fixed order (to be split in ``world``
+    equal parts: every rank runs the same number of forward passes), or None for no eval."""
     held = heldout_source(recipe)
     if held is None:
         return None
@@ -152,18 +173,18 @@ def eval_parts(recipe: Recipe, world: int) -> list | None:
     if rows < world:
         where = path or f"{recipe.data.validation_split_percentage}% of {recipe.data.dataset_path}"
         raise UserError(f"eval loss: {where} gives {rows} packed rows, fewer than the {world} workers; hold out more")
-    return ds.split(world, equal=True)
+    return ds
 
 
 def with_model(recipe: Recipe, model_name_or_path: str) -> Recipe:
     return recipe.model_copy(update={"model": recipe.model.model_copy(update={"model_name_or_path": model_name_or_path})})
 
 
-def token_parts(recipe: Recipe, world: int) -> list:
-    """The packed rows, materialised in the cluster's object store, in a fixed order, split in ``world``."""
+def token_rows(recipe: Recipe) -> Any:
+    """The packed rows, materialised in the cluster's object store, in a fixed order."""
     ds = build_dataset(recipe)
     ds.context.execution_options.preserve_order = True
-    return ds.materialize().split(world, equal=True)
+    return ds.materialize()
 
 
 def run_folder(recipe: Recipe, run_name: str) -> str:
@@ -231,8 +252,17 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
         f"; to resume later: run_name={run_name}")
 
     started = time.perf_counter()
-    parts = token_parts(with_model(recipe, tokens_from), world)
-    held = eval_parts(with_model(recipe, tokens_from), world)
+    rows_ds = token_rows(with_model(recipe, tokens_from))
+    held_ds = eval_rows(with_model(recipe, tokens_from), world)
+    if needs_reference_pass(recipe.train, recipe.model.use_lora):  # DPO without a live reference
+        from lmflow_ray.train.reference import reference_table, with_reference
+
+        table = reference_table([d for d in (rows_ds, held_ds) if d is not None], recipe, base, run_uri,
+                                s3.to_dict(), say)
+        rows_ds = with_reference(rows_ds, table)
+        held_ds = with_reference(held_ds, table) if held_ds is not None else None
+    parts = rows_ds.split(world, equal=True)
+    held = held_ds.split(world, equal=True) if held_ds is not None else None
     rows = parts[0].count()
     plan = make_plan(rows, world, recipe.train)
     say(f"data: {rows * world:,} packed rows of up to {recipe.data.block_size} tokens, {rows:,} per worker "

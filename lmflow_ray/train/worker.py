@@ -18,14 +18,14 @@ import torch
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe, recipe_to_yaml
-from lmflow_ray.data.packing import collate_columns
-from lmflow_ray.data.tokenize import IGNORE_INDEX, load_tokenizer
+from lmflow_ray.data.tokenize import load_tokenizer
 from lmflow_ray.errors import CheckpointWriteError
 from lmflow_ray.model.adapters import apply_lora
 from lmflow_ray.model.load import ROPE_MARK, load_model, matmul_parameters, parameter_counts
 from lmflow_ray.model.locate import model_folder
 from lmflow_ray.train.deepspeed import deepspeed_config
 from lmflow_ray.model.lisa import Lisa
+from lmflow_ray.train.objectives import Objective, make_objective
 from lmflow_ray.train.observe import (BlockWatch, MemoryPeak, Meter, TensorBoard, flops_per_token, hardware_peak,
                                       plot_loss, summary_markdown)
 from lmflow_ray.train.plan import Plan
@@ -42,14 +42,17 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     transformers_quiet()
+    objective = make_objective(recipe.train, recipe.model.use_lora)  # what the steps train for
 
-    # Model: the same seed on every rank, so LoRA's random init agrees everywhere.
+    # Model: the same seed on every rank, so LoRA's random init (and a new score head) agree everywhere.
     seed_everything(recipe.train.seed)
     base = model_folder(recipe.model.model_name_or_path, s3)  # the pinned URI, fetched once per node
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
-    model = load_model(recipe.model, device=device, s3=s3, folder=base)
+    model = load_model(recipe.model, device=device, s3=s3, folder=base, head=objective.head,
+                       pad_token_id=tokenizer.pad_token_id)
     if recipe.model.use_lora:
-        model = apply_lora(model, recipe.model, gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = apply_lora(model, recipe.model, gradient_checkpointing=recipe.train.gradient_checkpointing,
+                           head=objective.head)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total_params, trainable_params = parameter_counts(model)
@@ -77,6 +80,7 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         strategy = DDPStrategy(model, plan, recipe.train.learning_rate, recipe.train.weight_decay,
                                recipe.train.max_grad_norm, recipe.train.bf16, lisa=lisa)
+    objective.attach(strategy.module)
 
     state = {"step": 0, "log_history": [], "resumed_at": []}
     if latest is None:
@@ -91,7 +95,8 @@ def train_loop(config: dict[str, Any]) -> None:
     meter = Meter()
     memory = MemoryPeak(device)
     watch = BlockWatch(lisa) if lisa is not None else None
-    pad_to = None if recipe.data.packing else recipe.data.block_size
+    # Without packing, LMFlow's layout: every row padded to block_size (a pair row holds two sides).
+    pad_to = None if recipe.data.packing else recipe.data.block_size * (2 if objective.paired else 1)
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     eval_every = config.get("eval_every")
     held = ray.train.get_dataset_shard(f"eval_{rank}") if eval_every else None
@@ -103,15 +108,12 @@ def train_loop(config: dict[str, Any]) -> None:
         if lisa is not None and (layers := lisa.schedule.layers_at(step)) != lisa.active:
             strategy.switch(layers)
         for batch in micro_batches:
-            inputs = to_device(collate_columns(batch, tokenizer.pad_token_id, pad_to), device)
-            trained = int((inputs["labels"] != IGNORE_INDEX).sum())
-            # Mean over trained tokens; a micro-batch whose answers were all cut off gives 0, not NaN.
-            loss = strategy.model(**inputs, attention_mask=None, use_cache=False,
-                                  num_items_in_batch=torch.tensor(max(1, trained), device=device)).loss
+            inputs = to_device(objective.collate(batch, tokenizer.pad_token_id, pad_to), device)
+            loss, tally = objective.loss(strategy.model, inputs)
             strategy.backward(loss)
             width = inputs["input_ids"].shape[1]
             real = int(sum(len(ids) for ids in batch["input_ids"]))
-            meter.add(float(loss.detach()) * trained, real, trained,
+            meter.add(tally, real,
                       real * flops_per_token(n_matmul, recipe.model.use_lora, cfg.num_hidden_layers, cfg.hidden_size, width))
         grad_norm = strategy.finish_step()
         meter.steps += 1
@@ -124,10 +126,10 @@ def train_loop(config: dict[str, Any]) -> None:
         if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done \
                 and not evaluate_now:
             continue
-        metrics = gather_metrics(meter, plan, state["step"], strategy.lr(), grad_norm, peak, world, memory.take(),
-                                 strategy.optimizer_bytes())
+        metrics = gather_metrics(meter, objective, plan, state["step"], strategy.lr(), grad_norm, peak, world,
+                                 memory.take(), strategy.optimizer_bytes())
         if evaluate_now:  # after the step metrics are taken: eval time is not counted as training time
-            metrics.update(eval_loss(strategy, held, eval_batch, tokenizer.pad_token_id, pad_to, device))
+            metrics.update(eval_metrics(strategy, objective, held, eval_batch, tokenizer.pad_token_id, pad_to, device))
         if watch is not None:
             metrics.update(lisa_metrics(watch, strategy, lisa, world))
         state["log_history"].append(metrics)
@@ -179,49 +181,51 @@ def steps(shard: Any, plan: Plan, start: int, seed: int) -> Iterator[tuple[int, 
             step += 1
 
 
-def eval_loss(strategy, shard: Any, batch_size: int, pad_id: int, pad_to: int | None, device: Any) -> dict[str, float]:
-    """Loss per trained token over this run's held-out rows (every rank its equal part, summed
-    over ranks), in eval mode without gradients; the model is back in train mode after."""
-    import math
-
+def eval_metrics(strategy, objective: Objective, shard: Any, batch_size: int, pad_id: int, pad_to: int | None,
+                 device: Any) -> dict[str, float]:
+    """The objective's metrics over this run's held-out rows (every rank its equal part, summed over
+    ranks), in eval mode without gradients; the model is back in train mode after."""
     strategy.module.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    sums: dict[str, float] = {}
     try:
         with torch.no_grad():
             for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-                inputs = to_device(collate_columns(batch, pad_id, pad_to), device)
-                trained = int((inputs["labels"] != IGNORE_INDEX).sum())
-                loss = strategy.model(**inputs, attention_mask=None, use_cache=False,
-                                      num_items_in_batch=torch.tensor(max(1, trained), device=device)).loss
-                total += torch.tensor([float(loss) * trained, trained], dtype=torch.float64)
+                _, tally = objective.loss(strategy.model, to_device(objective.collate(batch, pad_id, pad_to), device))
+                for key, value in tally.items():
+                    sums[key] = sums.get(key, 0.0) + value
     finally:
         strategy.module.train()
+    return objective.eval_metrics(all_ranks(sums, objective.tally_keys))
+
+
+def all_ranks(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Each key's sum over every rank (a key a rank never saw counts 0 there)."""
+    total = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
-    loss_sum, trained = total.tolist()
-    mean = loss_sum / max(1.0, trained)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": int(trained)}
+    return dict(zip(keys, total.tolist()))
 
 
 def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
-def gather_metrics(meter: Meter, plan: Plan, step: int, lr: float, grad_norm: float, peak: float, world: int,
-                   memory: float, optimizer_bytes: float) -> dict[str, float]:
-    """Sums over every rank: loss, tokens and FLOPs since the last logging step; the highest
-    worker's memory peak and optimizer state; MFU against ``peak``, the run's hardware peak."""
+def gather_metrics(meter: Meter, objective: Objective, plan: Plan, step: int, lr: float, grad_norm: float,
+                   peak: float, world: int, memory: float, optimizer_bytes: float) -> dict[str, float]:
+    """Sums over every rank: the objective's sums (its loss per trained token or per pair), tokens
+    and FLOPs since the last logging step; the highest worker's memory peak and optimizer state;
+    MFU against ``peak``, the run's hardware peak."""
     elapsed = meter.elapsed()
-    totals = torch.tensor([meter.loss_sum, meter.tokens, meter.trained, meter.flops], dtype=torch.float64)
+    totals = all_ranks({**meter.sums, "tokens": meter.tokens, "flops": meter.flops},
+                       (*objective.tally_keys, "tokens", "flops"))
     highest = torch.tensor([memory, optimizer_bytes], dtype=torch.float64)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
         torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
-    loss_sum, tokens, trained, flops = totals.tolist()
+    tokens, trained, flops = totals["tokens"], totals["trained"], totals["flops"]
     return {
         "step": step,
         "epoch": round(step / plan.steps_per_epoch, 4),
-        "loss": loss_sum / max(1.0, trained),  # per trained token over every rank and micro-batch
+        **objective.metrics(totals),  # loss: per trained token (SFT) or per pair, over every rank and micro-batch
         "learning_rate": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": tokens / elapsed,
@@ -281,7 +285,8 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
             files = {k: v for part in everyone for k, v in part.items()}
             storage.write_manifest(folder, files, {
                 "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
-                "method": recipe.method, "base_model": recipe.model.model_name_or_path,
+                "method": recipe.method, "objective": recipe.train.objective,
+                "base_model": recipe.model.model_name_or_path,
                 "export": storage.EXPORT_DIR, "quantized_layers": quantized_layers(strategy.module)})
         target = storage.join(run_uri, storage.checkpoint_name(step))
         try:
@@ -330,6 +335,14 @@ def quantized_layers(model: Any) -> int:
 
 
 def method_label(recipe: Recipe) -> str:
+    """How the run tuned the weights, and for what: `LoRA`, `DPO (sigmoid, beta 0.1), LoRA`, ..."""
+    train = recipe.train
+    goal = {"sft": "", "reward": "reward model (score head), ",
+            "dpo": f"DPO ({train.loss_type}, beta {train.beta}), "}[train.objective]
+    return goal + _weights_label(recipe)
+
+
+def _weights_label(recipe: Recipe) -> str:
     model, train = recipe.model, recipe.train
     if model.use_lora:
         return (f"QLoRA ({model.quant_bit}-bit base)" if model.use_qlora else "LoRA") + (" (DoRA)" if model.use_dora else "")
