@@ -20,7 +20,7 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install model ops vllm vllm-check browser demo test clean
+.PHONY: install model ops vllm vllm-check browser demo demo-align test clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,10 @@ browser:
 # The main job on a local Ray cluster: base eval -> LoRA train -> tuned eval -> serve -> ask.
 demo: model ops
 	$(BIN)/lmflow-ray demo jobs/demo_lora.yaml
+
+# The alignment demo: base eval -> reward model -> DPO (no SFT first) -> tuned eval -> table.
+demo-align: model ops
+	$(BIN)/lmflow-ray demo jobs/demo_dpo.yaml
 
 # Set-up steps run side by side (op compiles use the CPU, chromium mostly the network), after
 # vLLM's packages are in: its clean-up removes modules that transformers looks for as it imports.

@@ -173,7 +173,8 @@ def _stats_table(s: dict[str, Any]) -> str:
         f"{'packing (lmflow-ray)':<30}{s['rows_packed']:>10,}{s['packing_efficiency']:>12.3f}",
         f"{'pad-to-block (LMFlow)':<30}{s['rows_pad_to_block']:>10,}{s['pad_to_block_efficiency']:>12.3f}",
         "",
-        "efficiency = real tokens / (rows x block_size)",
+        "efficiency = real tokens / (rows x block_size)" if s["type"] != "paired_conversation" else
+        "efficiency = real tokens / (rows x 2 x block_size): a row holds whole pairs, two sides of up to block_size",
     ]
     return "\n".join(lines)
 

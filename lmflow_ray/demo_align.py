@@ -78,7 +78,10 @@ def run_align_demo(recipe: Recipe, reward: Recipe, address: str | None = None,
 
         t = stage(3, f"training a reward model ({_how(reward)}) into {rm_uri}, then scoring held-out pairs")
         rm_run = train_run(reward, name_prefix="demo-reward", say=indent, lease=rm_lease)
-        rm = evaluate(with_eval(reward, rm_uri, "reward_model"), say=indent)
+        # As many held-out pairs as the demo's held-out e-mails (unless the reward recipe says).
+        limit = reward.eval.max_eval_samples or recipe.eval.max_eval_samples
+        rm = evaluate(with_eval(reward.model_copy(update={"eval": reward.eval.model_copy(
+            update={"max_eval_samples": limit})}), rm_uri, "reward_model"), say=indent)
         timings["reward_model"] = time.time() - t
         say(f"  reward model: {rm_run.steps} steps, held-out pairwise accuracy {rm.metrics['acc']:.1%} "
             f"({rm.correct}/{rm.count}) ({timings['reward_model']:.0f} s)")

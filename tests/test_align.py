@@ -1,7 +1,8 @@
 """Preference training end to end on the session's Ray cluster, 2 Ray Train workers, a tiny Llama:
-a LoRA reward model on DeepSpeed ZeRO-2 (metrics, export reloading as a sequence classifier), and
-full-weight DPO on DDP with the reference's log-probs precomputed once by a Ray Data pass, kept
-with the run and read back when the run resumes, which then repeats the uninterrupted losses."""
+full-weight DPO on DDP with the reference's log-probs precomputed once by a Ray Data pass (train
+and held-out rows), kept with the run and read back when the run resumes, which then repeats the
+uninterrupted losses; and a LoRA reward model on DeepSpeed ZeRO-2 (pair metrics, held-out eval,
+export reloading as a sequence classifier with its score head)."""
 
 import json
 import shutil
@@ -76,7 +77,7 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_exactly(ray_local, 
 
     said = []
     base = recipe(tiny_model_dir, pairs, tmp_path, "objective=dpo", "beta=0.5", "learning_rate=5e-4", "max_steps=4",
-                  "save_steps=2")
+                  "save_steps=2", "validation_split_percentage=20", "eval_steps=2")
     whole = run(base.model_copy(update={"storage": base.storage.model_copy(update={"run_name": "dpo"})}),
                 say=said.append)
     assert any("reference log-probs: scoring" in line for line in said), said
@@ -89,6 +90,9 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_exactly(ray_local, 
     assert log[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
     assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # -log σ(0)
     assert log[-1]["rewards/margins"] > 0
+    held = [h for h in log if "eval_loss" in h]
+    assert [h["step"] for h in held] == [2, 4]
+    assert {"eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= set(held[-1])
     saved = json.loads((tmp_path / "dpo" / REFERENCE_FILE).read_text())
     assert saved["model"] == str(tiny_model_dir) and len(saved["rows"]) > 0
 

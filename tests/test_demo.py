@@ -33,3 +33,4 @@ def test_shortened_demo_runs_the_whole_chain(repo_python, tmp_path):
         assert results["count"] == 16 and set(results["metrics"]) == {"acc", "nll", "ppl"}
         assert (run / "eval" / stage / "benchmark.log").is_file()
     assert f"table:        {run / 'demo.md'}" in proc.stdout
+

@@ -90,9 +90,9 @@ def _vllm_answers_lm_eval_and_schemathesis(url, key, base, tmp_path):
 
     # Fuzzing only here (the boundary values of the coverage phase hit the guard, which the
     # transformers engine's run covers): what gets through the guard reaches vLLM itself.
-    result = run_schemathesis(url, key, tmp_path / "schemathesis.json", max_examples=15, phases="fuzzing")
+    result = run_schemathesis(url, key, tmp_path / "schemathesis.json", max_examples=8, phases="fuzzing")
     cases = {op: sum(n for phase in rates.values() for n in phase.values()) for op, rates in result["valid_rates"].items()}
-    assert cases["POST /v1/chat/completions"] >= 10 and cases["POST /v1/completions"] >= 10, cases  # 12 each (seed 7)
+    assert cases["POST /v1/chat/completions"] >= 4 and cases["POST /v1/completions"] >= 4, cases
     print(f"vLLM: lm-eval {got['results']}; schemathesis cases {cases}")
 
 

@@ -265,7 +265,8 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
     held = held_ds.split(world, equal=True) if held_ds is not None else None
     rows = parts[0].count()
     plan = make_plan(rows, world, recipe.train)
-    say(f"data: {rows * world:,} packed rows of up to {recipe.data.block_size} tokens, {rows:,} per worker "
+    width = recipe.data.block_size * (2 if recipe.train.objective != "sft" else 1)  # a pair row holds two sides
+    say(f"data: {rows * world:,} packed rows of up to {width} tokens, {rows:,} per worker "
         f"({time.perf_counter() - started:.1f}s); {plan.total_steps} steps of "
         f"{plan.micro_batch}x{plan.accumulation}x{world} rows, {plan.steps_per_epoch} per epoch")
     if held is not None:
