@@ -87,8 +87,8 @@ def test_full_dpo_precomputes_the_reference_once_and_resumes_exactly(ray_local, 
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"} <= set(h)
     # Step 1's policy is the reference: every implicit reward is 0 (the precomputed log-probs match).
-    assert log[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
-    assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-5)  # -log σ(0)
+    assert log[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)  # fp32 sums on other thread counts
+    assert log[0]["loss"] == pytest.approx(0.6931472, abs=1e-4)  # -log σ(0)
     assert log[-1]["rewards/margins"] > 0
     held = [h for h in log if "eval_loss" in h]
     assert [h["step"] for h in held] == [2, 4]
