@@ -83,6 +83,15 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
         serve.delete(APP_NAME)  # Serve itself goes with the cluster when the demo exits
 
 
+def write_report(run_uri: str, s3: Any, markdown: str, report: dict[str, Any]) -> None:
+    """demo.md and demo.json in the run folder (local or s3://)."""
+    fs, path = storage.filesystem(run_uri, s3)
+    with fs.open_output_stream(f"{path}/demo.md") as f:
+        f.write(markdown.encode())
+    with fs.open_output_stream(f"{path}/demo.json") as f:
+        f.write((json.dumps(report, indent=2) + "\n").encode())
+
+
 def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole job; returns what it printed as data (also written as demo.json next to the run)."""
     from lmflow_ray.ray_init import connect, quiet_data_logs
@@ -158,11 +167,7 @@ def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], No
             "Stage timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), "",
             "Loss curve: `loss.png`; per-instance results: `eval/base/predictions.jsonl`, `eval/tuned/predictions.jsonl`.", "",
         ])
-        fs, path = storage.filesystem(run_uri, s3)
-        with fs.open_output_stream(f"{path}/demo.md") as f:
-            f.write(markdown.encode())
-        with fs.open_output_stream(f"{path}/demo.json") as f:
-            f.write((json.dumps(report, indent=2) + "\n").encode())
+        write_report(run_uri, s3, markdown, report)
         say("")
         say(md_table)
         say("")

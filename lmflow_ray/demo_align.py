@@ -9,13 +9,12 @@ line overrides apply to both.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
-from lmflow_ray.demo import _metric
+from lmflow_ray.demo import _metric, write_report
 from lmflow_ray.eval.run import EvalResult, evaluate, open_eval_dataset, read_instances
 from lmflow_ray.lease import LEASE, Lease
 from lmflow_ray.model.locate import display_name
@@ -123,11 +122,7 @@ def run_align_demo(recipe: Recipe, reward: Recipe, address: str | None = None,
             f"Curves: `{report['curves'][0]}` (DPO), `{report['curves'][1]}` (reward model); per-instance results "
             "under `eval/`.", "",
         ])
-        fs, path = storage.filesystem(run_uri, s3)
-        with fs.open_output_stream(f"{path}/demo.md") as f:
-            f.write(markdown.encode())
-        with fs.open_output_stream(f"{path}/demo.json") as f:
-            f.write((json.dumps(report, indent=2) + "\n").encode())
+        write_report(run_uri, s3, markdown, report)
         say("")
         say(md_table)
         say("")

@@ -32,21 +32,33 @@ class Row:
         self.lengths.append(len(sample.input_ids))
 
 
-def pack(samples: list[Encoded], block_size: int) -> list[Row]:
-    """Best-fit decreasing: each sample goes to the fullest row that still has room for it."""
-    rows: list[Row] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
-    for sample in sorted(samples, key=lambda s: len(s.input_ids), reverse=True):
-        need = len(sample.input_ids)
+def best_fit(items: list, size, capacity: int) -> list[list]:
+    """Best-fit decreasing: each item (of ``size(item)`` tokens) goes to the fullest bin that still
+    has room for it; returns the bins' items in the order they went in."""
+    bins: list[list] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for item in sorted(items, key=size, reverse=True):
+        need = size(item)
         at = bisect.bisect_left(free, (need, -1))
         if at < len(free):
             room, index = free.pop(at)
         else:
-            rows.append(Row())
-            room, index = block_size, len(rows) - 1
-        rows[index].add(sample)
+            bins.append([])
+            room, index = capacity, len(bins) - 1
+        bins[index].append(item)
         if room - need > 0:
             bisect.insort(free, (room - need, index))
+    return bins
+
+
+def pack(samples: list[Encoded], block_size: int) -> list[Row]:
+    """Samples into rows of at most ``block_size`` tokens, best fit (longest first)."""
+    rows = []
+    for group in best_fit(samples, lambda s: len(s.input_ids), block_size):
+        row = Row()
+        for sample in group:
+            row.add(sample)
+        rows.append(row)
     return rows
 
 
@@ -90,26 +102,14 @@ class PairRow(Row):
 def pack_pairs(pairs: list[tuple[Encoded, Encoded, float]], capacity: int | None) -> list[PairRow]:
     """Preference pairs into rows, each pair whole (its chosen segment, then its rejected one):
     best-fit decreasing into rows of ``capacity`` tokens, or one pair per row (None)."""
-    if capacity is None:
-        rows = []
-        for chosen, rejected, margin in pairs:
-            row = PairRow()
-            row.add_pair(chosen, rejected, margin)
-            rows.append(row)
-        return rows
+    groups = [[p] for p in pairs] if capacity is None else \
+        best_fit(pairs, lambda p: len(p[0].input_ids) + len(p[1].input_ids), capacity)
     rows = []
-    free: list[tuple[int, int]] = []
-    for chosen, rejected, margin in sorted(pairs, key=lambda p: len(p[0].input_ids) + len(p[1].input_ids), reverse=True):
-        need = len(chosen.input_ids) + len(rejected.input_ids)
-        at = bisect.bisect_left(free, (need, -1))
-        if at < len(free):
-            room, index = free.pop(at)
-        else:
-            rows.append(PairRow())
-            room, index = capacity, len(rows) - 1
-        rows[index].add_pair(chosen, rejected, margin)
-        if room - need > 0:
-            bisect.insort(free, (room - need, index))
+    for group in groups:
+        row = PairRow()
+        for chosen, rejected, margin in group:
+            row.add_pair(chosen, rejected, margin)
+        rows.append(row)
     return rows
 
 
