@@ -370,6 +370,18 @@ def remove(uri: str, s3: S3Options | dict | None = None) -> None:
 
 # ---- copies: file by file, every name checked --------------------------------------------------
 
+COPY_CHUNK = 8 << 20
+
+
+def _copy_file(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str) -> None:
+    """One file, in 8 MB pieces, closed explicitly: an S3 object is only written when its stream
+    closes, and pyarrow's ``copy_files`` closes it in a destructor that logs a failed upload and
+    goes on ("Error ignored when destroying file"), so a full S3 server looked like a finished copy."""
+    with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(dst) as out:
+        while chunk := fin.read(COPY_CHUNK):
+            out.write(chunk)
+
+
 def _copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str, where: str) -> list[str]:
     """Copy every file under ``src`` to ``dst``; a listed name that would land outside ``dst`` (``..``,
     an absolute path) stops the copy before anything is written. Returns the relative paths."""
@@ -379,8 +391,7 @@ def _copy_tree(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: 
         retrying(target, lambda t=target: dst_fs.create_dir(t, recursive=True))
 
     def one(rel: str) -> None:
-        retrying(f"{where}/{rel}", lambda: pafs.copy_files(f"{src}/{rel}", f"{dst}/{rel}", source_filesystem=src_fs,
-                                                           destination_filesystem=dst_fs))
+        retrying(f"{where}/{rel}", lambda: _copy_file(src_fs, f"{src}/{rel}", dst_fs, f"{dst}/{rel}"))
 
     from concurrent.futures import ThreadPoolExecutor
 

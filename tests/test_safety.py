@@ -214,6 +214,43 @@ def test_remote_outputs_upload_before_deleting_and_refuse_other_prefixes(s3_serv
     assert storage.list_checkpoints("s3://lmflow-safety/team/runs/r1", s3)[0].complete
 
 
+@pytest.fixture
+def full_s3(tmp_path):
+    """A second SeaweedFS whose data folder is a small tmpfs, filled to its last 200 KB: the server
+    answers a larger upload with S3's INTERNAL_FAILURE."""
+    from s3server import SeaweedS3
+
+    mount = tmp_path / "s3-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()[:200]})")
+    server = SeaweedS3(mount / "weed").start()
+    try:
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        (mount / "filler").write_bytes(b"0" * (free - 200_000))
+        yield server
+    finally:
+        server.stop()
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_an_upload_the_server_refuses_is_an_error_not_a_finished_copy(full_s3, tmp_path):
+    """pyarrow's copy_files only logs a failed S3 upload; a checkpoint copy must raise instead."""
+    s3 = S3Options(full_s3.endpoint, full_s3.access_key, full_s3.secret_key)
+    folder = tmp_path / "checkpoint"
+    (folder / "hf").mkdir(parents=True)
+    (folder / "hf" / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    (tmp_path / "note").mkdir()
+    (tmp_path / "note" / "a.txt").write_text("small enough")
+    storage.upload(tmp_path / "note", "s3://full/note", s3)  # the server works; it has no room for more
+    assert storage.read_bytes("s3://full/note/a.txt", s3) == b"small enough"
+    with pytest.raises(StorageError, match=r"hf/model\.safetensors: storage kept failing .*INTERNAL_FAILURE"):
+        storage.upload(folder, "s3://full/run/checkpoint_000001", s3)
+    fs, path = storage.filesystem("s3://full/run/checkpoint_000001/hf/model.safetensors", s3)
+    assert fs.get_file_info(path).type == pafs.FileType.NotFound
+
+
 # ---- 4. one run per run folder ----------------------------------------------------------------
 
 def test_a_second_run_and_fresh_are_refused_while_a_lease_is_live(tmp_path):
