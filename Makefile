@@ -15,6 +15,9 @@ TEST_WORKERS ?= 2
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 PIP    := $(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -c constraints.txt \
           --excludes install-excludes.txt $(foreach f,$(FIND_LINKS),--find-links $(f))
+# Idle OpenMP threads spin briefly, then sleep: the suite runs many torch processes on 2 cores, and
+# libgomp's long default spin made two of them 19x slower (benchmarks/omp_wait_policy.py).
+export GOMP_SPINCOUNT := 1000
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0

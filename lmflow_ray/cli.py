@@ -492,6 +492,8 @@ def _report(err: UserError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: idle threads spin briefly, then sleep (see ray_init.GOMP_SPINCOUNT).
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     parser = _parser()
     args, extras = parser.parse_known_args(argv)
     try:

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import os
 
-# Worker processes inherit these: without them glibc page-faults element-wise ops 50x slower here.
+# OpenMP threads that wait for work spin only briefly, then sleep. libgomp's default spins for
+# 300,000 rounds after each parallel region, so torch processes that share cores (an eval actor
+# next to a replica, CPU training next to anything) burn each other's time: two 2-thread processes
+# on 2 cores ran a tiny model's steps 19x slower than with 1,000 rounds, and alone the two are
+# within 10% (benchmarks/omp_wait_policy.py). A value the user set wins.
+GOMP_SPINCOUNT = os.environ.get("GOMP_SPINCOUNT", "1000")
+
+# Worker processes inherit these: without the malloc ones glibc page-faults element-wise ops 50x
+# slower here.
 WORKER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",
     "MALLOC_TRIM_THRESHOLD_": "17179869184",
     "TOKENIZERS_PARALLELISM": "false",
+    "GOMP_SPINCOUNT": GOMP_SPINCOUNT,
 }
 
 
