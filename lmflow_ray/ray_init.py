@@ -68,6 +68,9 @@ def start_local(**kwargs) -> None:
 
     import ray
 
+    # Ray Train's preemption watcher polls for node drains from an actor of its own in every run; a
+    # private single-node cluster has no nodes to lose (a cluster you join keeps it on).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for attempt in (1, 2):
         try:
             ray.init(address="local", **kwargs)
