@@ -493,7 +493,9 @@ def _report(err: UserError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # Before torch loads OpenMP: idle threads spin briefly, then sleep (see ray_init.GOMP_SPINCOUNT).
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    from lmflow_ray.ray_init import GOMP_SPINCOUNT
+
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     parser = _parser()
     args, extras = parser.parse_known_args(argv)
     try:

@@ -85,11 +85,8 @@ def ask_one(recipe: Recipe, run_uri: str, question: dict[str, Any], say: Callabl
 
 def write_report(run_uri: str, s3: Any, markdown: str, report: dict[str, Any]) -> None:
     """demo.md and demo.json in the run folder (local or s3://)."""
-    fs, path = storage.filesystem(run_uri, s3)
-    with fs.open_output_stream(f"{path}/demo.md") as f:
-        f.write(markdown.encode())
-    with fs.open_output_stream(f"{path}/demo.json") as f:
-        f.write((json.dumps(report, indent=2) + "\n").encode())
+    storage.write_bytes(storage.join(run_uri, "demo.md"), markdown.encode(), s3)
+    storage.write_bytes(storage.join(run_uri, "demo.json"), (json.dumps(report, indent=2) + "\n").encode(), s3)
 
 
 def run_demo(recipe: Recipe, address: str | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
