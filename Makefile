@@ -6,10 +6,11 @@
 # install, as pip does: with PYTHONDONTWRITEBYTECODE set (as here) every Ray worker and CLI process
 # would otherwise compile torch, transformers and Ray from source each time it imports them.
 # install-excludes.txt names what is never installed (and why).
-# The interpreter the venv is made from: Debian's own python3.11 where the system has one (built
-# with profile-guided optimization; pyenv's default build is not), else python3. On this 2-core box
-# it runs imports, Ray's Python side and a whole small fit about a quarter faster
-# (benchmarks/python_build.py). `make clean` first to rebuild an existing .venv with it.
+# The interpreter the venv is made from: Debian's own python3.11 where the system has one (one
+# static, optimized executable; pyenv's default build is a launcher over a position-independent
+# libpython.so), else python3. On this 2-core box it runs imports, Ray's Python side and a whole
+# small fit about a quarter faster (benchmarks/python_build.py). `make clean` first to rebuild an
+# existing .venv with it.
 PYTHON ?= $(or $(shell /usr/bin/python3.11 -c "import ensurepip, venv" 2>/dev/null && echo /usr/bin/python3.11),python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
