@@ -98,8 +98,8 @@ def measure(venv: str, repeats: int) -> dict:
     loop = min(float(probe(python, LOOP)) for _ in range(repeats))
     imports = min(float(probe(python, IMPORTS)) for _ in range(repeats))
     fit = json.loads(probe(python, FIT, str(REPO)))
-    return {"venv": venv, "python": info["version"], "interpreter": info["exe"],
-            "libpython_shared": "libpython" in linked, "loop_s": round(loop, 3), "imports_cpu_s": round(imports, 2),
+    return {"venv": Path(venv).name, "python": info["version"], "libpython_shared": "libpython" in linked,
+            "loop_s": round(loop, 3), "imports_cpu_s": round(imports, 2),
             **{k: round(v, 1) for k, v in fit.items()}}
 
 
@@ -118,7 +118,7 @@ def main() -> int:
     for row in rows:
         row["vs_first"] = {k: round(row[k] / first[k], 2) for k in ("loop_s", "imports_cpu_s", "ray_start_s", "fit_1_s")}
     result = {"benchmark": "python_build", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "command": "python benchmarks/python_build.py " + " ".join(args.venvs), "rows": rows,
+              "command": "python benchmarks/python_build.py " + " ".join(Path(v).name for v in args.venvs), "rows": rows,
               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
