@@ -26,7 +26,7 @@ TEST_SECONDS = {
     "test_ray_job_submit_trains_into_s3_serves_and_shows_no_credential": 270,
     "test_shortened_demo_runs_the_whole_chain": 230,
     "test_full_dpo_precomputes_the_reference_once_and_resumes_exactly": 100,
-    "test_reward_model_with_lora_on_zero2_reports_pair_metrics_and_exports_a_classifier": 110,
+    "test_shortened_alignment_demo_runs_the_whole_chain": 210,
     "test_a_killed_worker_resumes_from_the_last_checkpoint": 135,
     "test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling": 135,
     "test_readme_command_runs_as_written": 20,

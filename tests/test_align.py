@@ -1,15 +1,15 @@
 """Preference training end to end on the session's Ray cluster, 2 Ray Train workers, a tiny Llama:
 full-weight DPO on DDP with the reference's log-probs precomputed once by a Ray Data pass (train
 and held-out rows), kept with the run and read back when the run resumes, which then repeats the
-uninterrupted losses; and a LoRA reward model on DeepSpeed ZeRO-2 (pair metrics, held-out eval,
-export reloading as a sequence classifier with its score head)."""
+uninterrupted losses. The LoRA reward model and LoRA DPO on DeepSpeed ZeRO-2 (pair metrics, the
+export reloading as a sequence classifier with its score head) run in the shortened alignment demo
+(tests/test_demo.py), on the embedded model."""
 
 import json
 import math
 import shutil
 
 import pytest
-import torch
 
 from lmflow_ray import storage
 from lmflow_ray.config import load_recipe
@@ -44,33 +44,6 @@ def recipe(model, data, output, *overrides):
 
 def history(run_uri):
     return trainer_state(list_checkpoints(run_uri, S3Options())[-1], S3Options())["log_history"]
-
-
-def test_reward_model_with_lora_on_zero2_reports_pair_metrics_and_exports_a_classifier(ray_local, tiny_model_dir,
-                                                                                       pairs, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    result = run(recipe(tiny_model_dir, pairs, tmp_path, "objective=reward", "use_lora=true", "deepspeed=zero2",
-                        "learning_rate=1e-3", "max_steps=4", "save_steps=4", "validation_split_percentage=20",
-                        "eval_steps=4", "run_name=rm"))
-    log = history(result.run_uri)
-    assert [h["step"] for h in log] == [1, 2, 3, 4]
-    for h in log:
-        assert {"loss", "accuracy", "margin", "reward_chosen", "reward_rejected"} <= set(h)
-        assert 0 <= h["accuracy"] <= 1 and h["margin"] == pytest.approx(h["reward_chosen"] - h["reward_rejected"])
-    assert {"eval_loss", "eval_accuracy", "eval_margin"} <= set(log[-1])
-    manifest = list_checkpoints(result.run_uri, S3Options())[-1].manifest
-    assert (manifest["objective"], manifest["method"], manifest["zero_stage"]) == ("reward", "lora", 2)
-    export = local_model_folder(result.export_uri, tmp_path / "export", S3Options())
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=0)
-    model = PeftModel.from_pretrained(base, export).eval()
-    assert any("score" in n for n, _ in model.named_parameters())  # the head travels with the adapter
-    with torch.no_grad():
-        assert model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.shape == (1, 1)
-    summary = (tmp_path / "rm" / "summary.md").read_text()
-    assert "reward model (score head), LoRA" in summary and "pairwise accuracy" in summary
-    assert (tmp_path / "rm" / "loss.png").stat().st_size > 0
 
 
 def test_full_dpo_precomputes_the_reference_once_and_resumes_exactly(ray_local, tiny_model_dir, pairs, tmp_path):

@@ -35,3 +35,58 @@ def test_shortened_demo_runs_the_whole_chain(repo_python, tmp_path):
     assert f"table:        {run / 'demo.md'}" in proc.stdout
 
 
+
+
+@pytest.mark.slow
+def test_shortened_alignment_demo_runs_the_whole_chain(repo_python, tmp_path):
+    """`make demo-align` shortened (2 steps each, 4 held-out e-mails and pairs): base eval -> LoRA reward
+    model on ZeRO-2 and its held-out pairwise accuracy -> LoRA DPO on ZeRO-2 (the reference: the
+    adapter disabled) -> tuned eval -> table, curves and results next to the run."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lmflow_ray.embedded import resolve_model_path
+    from lmflow_ray import storage
+    from lmflow_ray.storage import S3Options, list_checkpoints
+
+    from conftest import trainer_state
+
+    out = tmp_path / "runs"
+    proc = repo_python("-m", "lmflow_ray.cli", "demo", "jobs/demo_dpo.yaml", "max_steps=2", "max_eval_samples=4",
+                       f"output_model_path={out}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line[:5] for line in lines if line.startswith("[")] == [f"[{n}/6]" for n in range(1, 7)]
+    dpo, rm = out / "demo-dpo", out / "demo-reward"
+    report = json.loads((dpo / "demo.json").read_text())
+    assert (report["dpo_steps"], report["reward_steps"], report["heldout"], report["pairs_heldout"]) == (2, 2, 4, 4)
+    assert report["before"]["acc"] < 0.1  # untuned, it never answers with the bare order number
+    assert 0 <= report["reward_model"]["acc"] <= 1
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"} <= set(report["dpo_final"])
+    assert set(report["timings_s"]) == {"ray", "eval_base", "reward_model", "dpo", "eval_tuned", "total"}
+    table = (dpo / "demo.md").read_text()
+    assert "| SmolLM2-135M-Instruct |" in table and "+ DPO `demo-dpo` (2 steps)" in table
+    assert "reward model `demo-reward` (2 steps)" in table
+    for run in (dpo, rm):
+        assert (run / "loss.png").stat().st_size > 1000
+    summary = (rm / "summary.md").read_text()
+    assert "reward model (score head), LoRA" in summary and "pairwise accuracy" in summary
+    for stage, count in (("base", 4), ("tuned", 4), ("reward_model", 4)):
+        results = json.loads((dpo / "eval" / stage / "results.json").read_text())
+        assert results["count"] == count
+    # What each stage trained: DPO and a reward head, both LoRA on ZeRO-2.
+    for run, objective, metric in ((dpo, "dpo", "rewards/accuracies"), (rm, "reward", "accuracy")):
+        checkpoint = list_checkpoints(str(run), S3Options())[-1]
+        assert (checkpoint.step, checkpoint.manifest["objective"], checkpoint.manifest["method"],
+                checkpoint.manifest["zero_stage"]) == (2, objective, "lora", 2)
+        log = trainer_state(checkpoint, S3Options())["log_history"]
+        assert [h["step"] for h in log] == [2] and metric in log[0]
+    h = log[0]  # the reward model's pair metrics
+    assert {"loss", "accuracy", "margin", "reward_chosen", "reward_rejected"} <= set(h)
+    assert 0 <= h["accuracy"] <= 1 and h["margin"] == pytest.approx(h["reward_chosen"] - h["reward_rejected"])
+    # The reward model's adapter loads on the base as a sequence classifier, its score head with it.
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("default"), num_labels=1)
+    adapter = PeftModel.from_pretrained(base, storage.join(checkpoint.uri, "hf"))
+    assert any("score" in n for n, _ in adapter.named_parameters())
+    assert f"table:        {dpo / 'demo.md'}" in proc.stdout
