@@ -7,14 +7,19 @@ import json
 import pytest
 
 
+def run_demo(repo_python, recipe, out, *overrides):
+    """`lmflow-ray demo RECIPE` through the CLI into ``out``; asserts it succeeded and printed its 6 stages."""
+    proc = repo_python("-m", "lmflow_ray.cli", "demo", recipe, *overrides, f"output_model_path={out}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = [line[:5] for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert stages == [f"[{n}/6]" for n in range(1, 7)]
+    return proc
+
+
 @pytest.mark.slow
 def test_shortened_demo_runs_the_whole_chain(repo_python, tmp_path):
     out = tmp_path / "runs"
-    proc = repo_python("-m", "lmflow_ray.cli", "demo", "jobs/demo_lora.yaml", "max_steps=4", "max_eval_samples=8",
-                       f"output_model_path={out}", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert [line[:5] for line in lines if line.startswith("[")] == [f"[{n}/6]" for n in range(1, 7)]
+    proc = run_demo(repo_python, "jobs/demo_lora.yaml", out, "max_steps=4", "max_eval_samples=8")
     run = out / "demo"
     report = json.loads((run / "demo.json").read_text())
     assert report["steps"] == 4 and report["heldout"] == 8
@@ -52,11 +57,7 @@ def test_shortened_alignment_demo_runs_the_whole_chain(repo_python, tmp_path):
     from conftest import trainer_state
 
     out = tmp_path / "runs"
-    proc = repo_python("-m", "lmflow_ray.cli", "demo", "jobs/demo_dpo.yaml", "max_steps=2", "max_eval_samples=4",
-                       f"output_model_path={out}", timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert [line[:5] for line in lines if line.startswith("[")] == [f"[{n}/6]" for n in range(1, 7)]
+    proc = run_demo(repo_python, "jobs/demo_dpo.yaml", out, "max_steps=2", "max_eval_samples=4")
     dpo, rm = out / "demo-dpo", out / "demo-reward"
     report = json.loads((dpo / "demo.json").read_text())
     assert (report["dpo_steps"], report["reward_steps"], report["heldout"], report["pairs_heldout"]) == (2, 2, 4, 4)
