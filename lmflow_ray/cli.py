@@ -270,6 +270,29 @@ def cmd_vocab_extend(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+# ---- align ------------------------------------------------------------------------------------
+
+
+def cmd_align(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.align.loop import check, run_align, table
+    from lmflow_ray.ray_init import connect, quiet_data_logs
+    from lmflow_ray.storage import join
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    check(recipe)  # refused before a cluster starts
+    print("starting Ray ...", file=sys.stderr)
+    connect(args.address)
+    quiet_data_logs()
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    result = run_align(recipe, fresh=args.fresh, say=say)
+    print(table(result, recipe.align.algorithm))
+    print(f"work folder:  {result.work_uri}")
+    print(f"final policy: {result.policy}")
+    print(f"reward plot:  {join(result.work_uri, 'reward.png')}")
+    return 0
+
+
 # ---- demo -------------------------------------------------------------------------------------
 
 
@@ -454,6 +477,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="with --url: the served model name (default: the first listed)")
     e.add_argument("--api_key", default=None, help="with --url: Bearer key (default: serve.api_key or LMFLOW_RAY_API_KEY)")
     e.set_defaults(func=cmd_eval)
+
+    al = verbs.add_parser("align", help="RAFT or iterative DPO: generate -> score -> keep / pair -> train, repeated: "
+                          "RECIPE [overrides] (align.algorithm raft | iterative_dpo)", allow_abbrev=False)
+    _address_flag(al)
+    al.add_argument("--fresh", action="store_true", help="start over: delete this run_name's work folder first")
+    al.set_defaults(func=cmd_align)
 
     d = verbs.add_parser("demo", help="base eval -> LoRA train -> tuned eval -> serve -> ask: [RECIPE] [overrides] "
                          "(default jobs/demo_lora.yaml); a DPO recipe (jobs/demo_dpo.yaml) runs the alignment demo: "

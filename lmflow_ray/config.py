@@ -134,6 +134,7 @@ class TrainSection(_Section):
     simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin γ")
     margin_scale: float = Field(1.0, ge=0.0, description="dpo: multiplies a pair's `margin` field in the loss")
     precompute_ref_log_probs: bool | None = Field(None, description="dpo: the reference's log-probs computed once before training (always for full fine-tuning); empty = LoRA uses its base with the adapter disabled")
+    reference_model_name_or_path: str | None = Field(None, description="dpo: the reference model, scored once before training (implies precompute_ref_log_probs); empty = the model training starts from")
 
 
 class StorageSection(_Section):
@@ -187,6 +188,43 @@ class ServeSection(_Section):
         return _comma_list(value)
 
 
+class AlignSection(_Section):
+    """`lmflow-ray align`: RAFT and iterative DPO, generate -> score -> keep / pair -> train, repeated."""
+
+    algorithm: Literal["raft", "iterative_dpo"] = Field("raft", description="raft (best samples -> SFT) | iterative_dpo (scored pairs -> DPO)")
+    num_iterations: int = Field(3, ge=1, description="iterations (LMFlow's num_raft_iteration); with dataset_path_list, one per listed dataset")
+    dataset_path_list: list[str] | None = Field(None, description="iterative_dpo: one prompt dataset per iteration (LMFlow's key); empty = data.dataset_path every time")
+    prompts_per_iteration: int | None = Field(None, ge=1, description="prompts each iteration samples, taken in turn through the prompt set (LMFlow's raft_batch_size); empty = all")
+    num_output_sequences: int = Field(8, ge=1, description="K, responses sampled per prompt")
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (0 = greedy, which makes every K the same)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    output_min_length: int = Field(1, ge=0, description="new tokens at least, per response")
+    output_max_length: int = Field(48, ge=1, description="new tokens at most, per response")
+    reward_model_name_or_path: str | None = Field(None, description="a reward model: a run, checkpoint or folder (train.objective=reward), local or s3://")
+    reward_function: str | None = Field(None, description="instead of a reward model: module:function or path/file.py:function, called as f(prompt, response) or f(prompt, response, reference) -> float")
+    collection_strategy: Literal["local", "top"] = Field("local", description="raft: local = the best of K per prompt; top = the global top top_reward_percentage")
+    top_reward_percentage: float = Field(0.2, gt=0.0, le=1.0, description="raft, collection_strategy top: the share of all samples kept")
+    sampling_paired_method: Literal["max_min", "max_max", "max_random", "random"] = Field("max_random", description="iterative_dpo: how K scored responses become one pair")
+    length_penalty: float = Field(0.0, description="subtracted from a reward per response token before keeping / pairing")
+    reference_policy: Literal["initial", "previous"] = Field("initial", description="iterative_dpo: DPO's reference, the starting model (RLHFlow) or the previous iteration's")
+    do_response_generation: bool = Field(True, description="run the generation stage (false: an earlier run's generations must be there)")
+    do_scoring: bool = Field(True, description="run the scoring stage")
+    do_dpo_align: bool = Field(True, description="run the training stage (DPO, or RAFT's SFT)")
+
+    @field_validator("dataset_path_list", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "AlignSection":
+        if self.output_min_length > self.output_max_length:
+            raise ValueError(f"output_min_length ({self.output_min_length}) is above output_max_length ({self.output_max_length})")
+        if self.reward_model_name_or_path and self.reward_function:
+            raise ValueError("give reward_model_name_or_path or reward_function, not both")
+        return self
+
+
 METRIC_ALIASES = {"accuracy": "acc", "perplexity": "ppl", "neg_log_likelihood": "nll", "loss": "nll"}
 # LMFlow's dataset-named answer types: GSM8K is a final number, MedMCQA / MedQA-USMLE list lettered
 # options; PubMedQA (yes / no / maybe) keeps its name for its default options.
@@ -224,6 +262,7 @@ class Recipe(_Section):
     storage: StorageSection = Field(default_factory=StorageSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    align: AlignSection = Field(default_factory=AlignSection)
 
     @model_validator(mode="after")
     def _lisa_is_full(self) -> "Recipe":
@@ -257,6 +296,8 @@ INVERTED: dict[str, str] = {
     "disable_group_texts": "data.packing",  # LMFlow's group_texts concatenates and cuts: our packing
 }
 ALIASES["lisa_step_interval"] = "train.lisa_interval_steps"  # the spelling in LMFlow's README
+ALIASES["num_raft_iteration"] = "align.num_iterations"  # LMFlow's RAFT flags
+ALIASES["raft_batch_size"] = "align.prompts_per_iteration"
 
 # LMFlow's DeepSpeed configs (configs/ and configs/archive/), by file name, as our presets: a script
 # passes their path, which exists only inside an LMFlow checkout (a file that is there is read).

@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lmflow_ray"
 # low because data reads s3:// too; it imports nothing of ours but errors.
 LAYERS = {
     "errors": 0, "credentials": 0, "config": 1, "lease": 1, "storage": 1, "embedded": 1, "ray_init": 1,
-    "data": 2, "model": 3, "train": 4, "serve": 5, "eval": 5, "cli": 6, "demo": 6, "demo_align": 6, "__main__": 7,
+    "data": 2, "model": 3, "train": 4, "serve": 5, "eval": 5, "align": 5, "cli": 6, "demo": 6, "demo_align": 6, "__main__": 7,
 }
 
 

@@ -288,8 +288,11 @@ def make_objective(train: Any, use_lora: bool) -> Objective:
 def reference_is_live(train: Any, use_lora: bool) -> bool:
     """DPO's reference, per recipe: the base with the adapter disabled (LoRA, unless
     precompute_ref_log_probs) or log-probs precomputed once before training (always for full
-    fine-tuning: a second model is never resident in the training workers)."""
+    fine-tuning, and for a reference_model_name_or_path: a second model is never resident in the
+    training workers)."""
     if train.objective != "dpo" or train.loss_type in REFERENCE_FREE:
+        return False
+    if getattr(train, "reference_model_name_or_path", None):  # another model than the start: scored once
         return False
     if train.precompute_ref_log_probs is None:
         return use_lora

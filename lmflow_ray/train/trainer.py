@@ -257,7 +257,9 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
     if needs_reference_pass(recipe.train, recipe.model.use_lora):  # DPO without a live reference
         from lmflow_ray.train.reference import reference_table, with_reference
 
-        table = reference_table([d for d in (rows_ds, held_ds) if d is not None], recipe, base, run_uri,
+        ref = recipe.train.reference_model_name_or_path
+        ref_uri = exact_uri(ref, s3.to_dict(), "train.reference_model_name_or_path") if ref else base
+        table = reference_table([d for d in (rows_ds, held_ds) if d is not None], recipe, ref_uri, run_uri,
                                 s3.to_dict(), say)
         rows_ds = with_reference(rows_ds, table)
         held_ds = with_reference(held_ds, table) if held_ds is not None else None

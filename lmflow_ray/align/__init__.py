@@ -1,0 +1,1 @@
+"""RAFT and iterative DPO: Ray Data generation and scoring stages around the train path."""
