@@ -1,6 +1,7 @@
 """One run at a time per run folder: a lease file (owner, expiry) that the driver renews while it
 trains. A second run with the same run_name, or a `--fresh` on it, is refused while the lease is
-live; a lease whose owner stopped renewing it (killed, lost its machine) expires and can be taken."""
+live; a lease whose owner stopped renewing it (killed, lost its machine) expires and can be taken,
+at once when the owner was a process on this machine that no longer runs."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ LEASE = ".lease.json"
 TTL_S = 120.0       # a lease not renewed for this long is stale
 RENEW_S = 30.0
 SETTLE_S = 0.5      # between writing the lease and reading it back: two runs starting together see each other
+
+
+def _gone(owner: dict) -> bool:
+    """Whether a lease's owner was a process on this machine that has ended (killed, crashed): its
+    lease need not be waited out."""
+    from lmflow_ray.storage import _alive
+
+    pid = owner.get("pid")
+    return owner.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid() and not _alive(pid)
 
 
 class Lease:
@@ -57,7 +67,11 @@ class Lease:
         if current is not None and not self._ours(current):
             left = float(current.get("expires", 0)) - time.time()
             who = current.get("owner") or {}
-            if left > 0:
+            if left > 0 and _gone(who):
+                say(f"taking over the run folder from a run whose driver is gone (pid {who.get('pid')} on this "
+                    f"machine, {who.get('host')}, no longer runs)")
+                left = 0.0
+            elif left > 0:
                 raise UserError(
                     f"{self.run_uri}: another run is using this run folder (pid {who.get('pid')} on "
                     f"{who.get('host')}, lease renewed {time.time() - float(current.get('renewed', 0)):.0f} s ago). "

@@ -288,6 +288,27 @@ def test_a_stale_lease_is_taken_over_with_a_message(tmp_path):
         taker.release()
 
 
+def test_the_lease_of_a_killed_driver_on_this_machine_is_taken_at_once(tmp_path):
+    run_uri = str(tmp_path / "killed")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        held = Lease(run_uri, None)
+        held.owner = {**held.owner, "pid": child.pid}  # a lease written by that process, live for 120 s
+        held._write()
+        with pytest.raises(UserError, match="another run is using"):
+            Lease(run_uri, None).acquire(print)  # its owner still runs: refused
+    finally:
+        child.kill()
+        child.wait()
+    said = []
+    taker = Lease(run_uri, None).acquire(said.append)
+    try:
+        assert any("driver is gone" in line for line in said)
+        assert taker._ours(taker.read())
+    finally:
+        taker.release()
+
+
 def test_the_lease_is_renewed_while_the_run_goes_on(tmp_path):
     held = Lease(str(tmp_path / "long"), None, ttl=1.5, renew=0.1).acquire(print)
     try:

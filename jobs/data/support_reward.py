@@ -20,7 +20,7 @@ def order_number_reward(prompt: str, response: str, reference: str) -> float:
         return 1.0
     digits = reference.rsplit("-", 1)[-1]
     score = 0.0
-    if reference in reply:
+    if re.search(re.escape(reference) + r"(?!\d)", reply):
         score = 0.6
     elif digits in SIX.findall(reply):
         score = 0.4

@@ -110,14 +110,23 @@ class Sampler:
 
         from lmflow_ray.eval.score import _eos_ids, _layout
 
-        ids, mask, _, width = _layout(prompts, [[] for _ in prompts], self.pad_id)
-        ids, mask = ids.repeat_interleave(self.k, 0), mask.repeat_interleave(self.k, 0)
+        device = self.model.device
+        ids, mask, positions, width = (t.to(device) if hasattr(t, "to") else t
+                                       for t in _layout(prompts, [[] for _ in prompts], self.pad_id))
         torch.manual_seed(self.seed * 1_000_003 + first_index)  # the same prompts sample the same way again
         greedy = self.temperature == 0
         eos = _eos_ids(self.model, self.tokenizer)
         with torch.inference_mode():
+            # Each prompt is read once: its KV cache (all but the last token) is copied for its k
+            # samples, and generate() goes on from there (it would otherwise prefill every copy).
+            past = None
+            if width > 1:
+                past = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                                  use_cache=True, logits_to_keep=1).past_key_values
+                past.batch_repeat_interleave(self.k)
+            ids, mask = ids.repeat_interleave(self.k, 0), mask.repeat_interleave(self.k, 0)
             gen = self.model.generate(
-                input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                input_ids=ids, attention_mask=mask, past_key_values=past,
                 do_sample=not greedy, temperature=None if greedy else self.temperature,
                 top_p=None if greedy else self.top_p, top_k=None, max_new_tokens=self.max_new,
                 min_new_tokens=self.min_new or None, eos_token_id=eos, pad_token_id=self.pad_id)

@@ -45,12 +45,15 @@ def load_function(spec: str) -> tuple[Callable[..., Any], int]:
     if not callable(fn):
         raise UserError(f"{KEY}: {where} has no function {name!r}")
     try:
-        params = [p for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        takes = 3 if len(params) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values()) else 2
-    except (TypeError, ValueError):
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: taken as (prompt, response)
+        return fn, 2
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params):
+        takes = 3
+    elif len(positional) == 2:
         takes = 2
-    if takes == 2 and len(params) < 2:
+    else:
         raise UserError(f"{KEY}: {spec} must take (prompt, response) or (prompt, response, reference)")
     return fn, takes
 

@@ -1,0 +1,137 @@
+"""The align stages' pure parts: reward functions (loading, calling, refusals), the shipped task's
+reward, prompts cut from dataset instances, the recipe keys and what `lmflow-ray align` refuses
+before a cluster starts."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from lmflow_ray.align import rollout, scoring
+from lmflow_ray.align.loop import check, prompt_sources
+from lmflow_ray.config import load_recipe
+from lmflow_ray.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def support_reward():
+    spec = importlib.util.spec_from_file_location("support_reward", REPO / "jobs/data/support_reward.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.order_number_reward
+
+
+def test_the_support_reward_gives_partial_credit_on_the_way_to_the_answer():
+    r = support_reward()
+    assert r("", "ORD-123456", "ORD-123456") == 1.0
+    assert r("", " ORD-123456\n", "ORD-123456") == 1.0
+    assert r("", "Your order is ORD-123456.", "ORD-123456") == pytest.approx(0.6)
+    assert r("", "order #123456", "ORD-123456") == pytest.approx(0.4)
+    assert r("", "Hello, how can I help?", "ORD-123456") == 0.0
+    assert r("", "ORD-654321", "ORD-123456") == pytest.approx(-0.3)  # a decoy is worse than no number
+    assert r("", "123456 or 654321", "ORD-123456") == pytest.approx(0.1)
+    assert r("", "ORD-1234567", "ORD-123456") == 0.0  # seven digits are not the number
+
+
+def test_reward_functions_load_from_a_file_or_a_module_and_are_called_right(tmp_path):
+    f = tmp_path / "rewards.py"
+    f.write_text("def two(prompt, response):\n    return len(response)\n"
+                 "def three(prompt, response, reference):\n    return float(response == reference)\n"
+                 "def bad(prompt, response):\n    raise KeyError('x')\n"
+                 "def nan(prompt, response):\n    return float('nan')\n"
+                 "def one(prompt):\n    return 0\n"
+                 "VALUE = 3\n")
+    fn, takes = scoring.load_function(f"{f}:two")
+    assert takes == 2 and scoring.call_function(fn, takes, "s", "p", "abc", "ref") == 3.0
+    fn, takes = scoring.load_function(f"{f}:three")
+    assert takes == 3 and scoring.call_function(fn, takes, "s", "p", "ref", "ref") == 1.0
+    fn, takes = scoring.load_function("operator:add")  # an importable module works too
+    assert callable(fn)
+    with pytest.raises(UserError, match="KeyError"):
+        scoring.call_function(*scoring.load_function(f"{f}:bad"), "bad", "p", "r", "")
+    with pytest.raises(UserError, match="finite"):
+        scoring.call_function(*scoring.load_function(f"{f}:nan"), "nan", "p", "r", "")
+    for spec, message in [(f"{f}:one", "must take"), (f"{f}:VALUE", "no function 'VALUE'"),
+                          (f"{f}:missing", "no function"), (f"{tmp_path}/none.py:two", "no such file"),
+                          ("no_such_module_here:f", "cannot import"), ("justaname", "expected module:function")]:
+        with pytest.raises(UserError, match=message):
+            scoring.load_function(spec)
+
+
+def test_prompts_are_cut_before_the_last_reply_which_is_the_reference():
+    conv = {"system": "Be brief.", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                                                {"role": "user", "content": "Order?"}, {"role": "assistant", "content": "ORD-1"}]}
+    prompt, text, ref = rollout.as_prompt("conversation", conv, "x")
+    assert prompt == {"system": "Be brief.", "messages": conv["messages"][:3]} and text == "Order?" and ref == "ORD-1"
+    assert rollout.with_reply("conversation", prompt, "ORD-2")["messages"][-1] == {"role": "assistant", "content": "ORD-2"}
+    open_end = {"messages": conv["messages"][:3]}
+    assert rollout.as_prompt("conversation", open_end, "x")[2] == ""
+    assert rollout.as_prompt("text2text", {"input": "2+2", "output": "4"}, "x") == ({"input": "2+2"}, "2+2", "4")
+    with pytest.raises(UserError, match="x: a prompt conversation must end with a user turn"):
+        rollout.as_prompt("conversation", {"messages": [{"role": "assistant", "content": "hi"}]}, "x")
+
+
+def _chat(tmp_path, name="p.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"type": "conversation", "instances": [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]}))
+    return str(path)
+
+
+def test_align_keys_lmflow_flags_and_refusals_before_a_cluster(tmp_path):
+    data = _chat(tmp_path)
+    r = load_recipe(None, [f"dataset_path={data}", "--num_raft_iteration", "4", "--raft_batch_size", "16",
+                           "reward_function=operator:add"])
+    assert (r.align.num_iterations, r.align.prompts_per_iteration) == (4, 16)
+    assert prompt_sources(r) == [data] * 4
+    check(r)
+    with pytest.raises(UserError, match="output_min_length"):
+        load_recipe(None, ["output_min_length=20", "output_max_length=10"])
+    with pytest.raises(UserError, match="not both"):
+        load_recipe(None, ["reward_function=a:b", "reward_model_name_or_path=x"])
+    with pytest.raises(UserError, match="no reward"):
+        check(load_recipe(None, [f"dataset_path={data}"]))
+    with pytest.raises(UserError, match="trains with objective dpo"):
+        check(load_recipe(None, [f"dataset_path={data}", "algorithm=iterative_dpo", "objective=reward",
+                                 "reward_function=operator:add"]))
+    with pytest.raises(UserError, match="at least 2"):
+        check(load_recipe(None, [f"dataset_path={data}", "algorithm=iterative_dpo", "num_output_sequences=1",
+                                 "reward_function=operator:add"]))
+    two = [data, _chat(tmp_path, "q.json")]
+    listed = load_recipe(None, [f"dataset_path_list={','.join(two)}", "reward_function=operator:add"])
+    assert prompt_sources(listed) == two
+    with pytest.raises(UserError, match="one per iteration"):
+        check(load_recipe(None, [f"dataset_path_list={','.join(two)}", "num_iterations=5", "reward_function=operator:add"]))
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps({"type": "text_only", "instances": [{"text": "x"}]}))
+    with pytest.raises(UserError, match="conversation or text2text"):
+        check(load_recipe(None, [f"dataset_path={pairs}", "reward_function=operator:add"]))
+
+
+def test_sampling_reads_each_prompt_once_and_greedy_matches_eval(tiny_model_dir):
+    """The sampler copies each prompt's KV cache for its k samples; greedy, that must give what
+    eval's greedy decoding gives, k times over; sampled, the seed fixes the draw."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmflow_ray.eval.score import generate_answers
+
+    prompts = [[5, 9, 13, 21, 7], [4, 8], [30, 31, 32, 33, 34, 35, 36]]
+    kw = dict(base_uri=str(tiny_model_dir), adapter_uri=None, s3=None, threads=1, top_p=1.0, min_new=2, max_new=6,
+              batch_size=6, torch_dtype="float32", trust_remote_code=False)
+    greedy = rollout.Sampler(k=3, temperature=0.0, seed=1, **kw)
+    texts, counts = greedy.sample(prompts, 0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    model.generation_config.min_new_tokens = 2
+    want = generate_answers(model, tok, prompts, 6, pad)
+    assert texts == [w for w in want for _ in range(3)]
+    assert all(2 <= c <= 6 for c in counts)
+    sampler = rollout.Sampler(k=4, temperature=1.0, seed=7, **kw)
+    first = sampler.sample(prompts, 0)
+    assert sampler.sample(prompts, 0) == first  # the same seed and prompts: the same samples
+    assert len(set(first[0][:4])) > 1  # and the k samples of one prompt differ
+    out = sampler({"index": [10, 11, 12], "ids": prompts})
+    assert out["index"] == [10] * 4 + [11] * 4 + [12] * 4 and out["sample"] == [0, 1, 2, 3] * 3
