@@ -28,7 +28,7 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install model ops vllm vllm-check browser demo demo-align test clean
+.PHONY: install model ops vllm vllm-check browser demo demo-align demo-online test clean
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,11 @@ demo: model ops
 # The alignment demo: base eval -> reward model -> DPO (no SFT first) -> tuned eval -> table.
 demo-align: model ops
 	$(BIN)/lmflow-ray demo jobs/demo_dpo.yaml
+
+# Online alignment from the base model: RAFT, then iterative DPO; each prints its iteration table.
+demo-online: model ops
+	$(BIN)/lmflow-ray demo jobs/demo_raft.yaml
+	$(BIN)/lmflow-ray demo jobs/demo_iterative_dpo.yaml
 
 # Set-up steps run side by side (op compiles use the CPU, chromium mostly the network), after
 # vLLM's packages are in: its clean-up removes modules that transformers looks for as it imports.

@@ -301,6 +301,8 @@ def cmd_demo(args: argparse.Namespace, extras: list[str]) -> int:
 
     target, overrides = _split(extras)
     recipe = _recipe(target or "jobs/demo_lora.yaml", overrides)
+    if recipe.align.reward_function or recipe.align.reward_model_name_or_path:  # online: RAFT / iterative DPO
+        return _online_demo(recipe, args.address)
     if recipe.train.objective == "dpo":  # the alignment demo: a reward model and DPO on preference pairs
         from lmflow_ray.demo_align import run_align_demo
 
@@ -311,6 +313,35 @@ def cmd_demo(args: argparse.Namespace, extras: list[str]) -> int:
         run_align_demo(recipe, reward, args.address, say=lambda line: print(line, flush=True, file=sys.stdout))
         return 0
     return demo_main(recipe, args.address)
+
+
+def _online_demo(recipe: Any, address: str | None) -> int:
+    """A RAFT / iterative DPO recipe's demo: the align job from the start (its own run folder
+    only), with the held-out set evaluated before and after every iteration, then the table."""
+    import time
+
+    from lmflow_ray.align.loop import check, run_align, table
+    from lmflow_ray.ray_init import connect, quiet_data_logs
+    from lmflow_ray.storage import join
+
+    check(recipe)
+    if not recipe.data.eval_dataset_path:
+        raise UserError("demo: an online-alignment demo evaluates every iteration; set data.eval_dataset_path")
+    started = time.time()
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    say(f"starting Ray{' at ' + address if address else ' (a local cluster)'}")
+    connect(address)
+    quiet_data_logs()
+    name = recipe.storage.run_name or f"demo-{recipe.align.algorithm.replace('_', '-')}"
+    recipe = recipe.model_copy(update={"storage": recipe.storage.model_copy(update={"run_name": name})})
+    result = run_align(recipe, fresh=True, say=say)
+    say("")
+    say(table(result, recipe.align.algorithm))
+    say("")
+    say(f"reward plot:  {join(result.work_uri, 'reward.png')}")
+    say(f"table:        {join(result.work_uri, 'iterations.md')}")
+    say(f"done in {time.time() - started:.0f} s")
+    return 0
 
 
 # ---- eval -------------------------------------------------------------------------------------

@@ -27,6 +27,10 @@ def test_top_keeps_the_global_share_in_prompt_order():
     with pytest.raises(ValueError):
         keep_top(SAMPLES, 0.0)
     assert collect(SAMPLES, "top", 0.25) == kept
+    # Equal rewards: each prompt's best comes before any prompt's second best.
+    right = group(0, [1.0, 1.0, 1.0]) + group(1, [1.0, 1.0, 0.0]) + group(2, [0.0, 1.0, 0.5])
+    assert [(s.prompt, s.sample) for s in keep_top(right, 3 / 9)] == [(0, 0), (1, 0), (2, 1)]
+    assert [(s.prompt, s.sample) for s in keep_top(right, 5 / 9)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1)]
     with pytest.raises(ValueError, match="collection_strategy"):
         collect(SAMPLES, "best", 0.25)
 

@@ -49,11 +49,15 @@ def keep_local(samples: Sequence[Scored]) -> list[Scored]:
 
 def keep_top(samples: Sequence[Scored], fraction: float) -> list[Scored]:
     """RAFT's ``collection_strategy: top``: the global top ``fraction`` of all samples (at least one),
-    in prompt order."""
+    in prompt order. Among equal rewards, every prompt's best sample comes before any prompt's
+    second: when many samples are right, the kept set spans as many prompts as it can, instead of
+    the K copies of the first few prompts' answer."""
     if not 0 < fraction <= 1:
         raise ValueError(f"top_reward_percentage must be in (0, 1], got {fraction}")
     n = max(1, math.ceil(fraction * len(samples))) if samples else 0
-    ranked = sorted(samples, key=lambda s: (-s.reward, s.prompt, s.sample))[:n]
+    rank = {(s.prompt, s.sample): r for g in by_prompt(samples).values()
+            for r, s in enumerate(sorted(g, key=lambda s: (-s.reward, s.sample)))}
+    ranked = sorted(samples, key=lambda s: (-s.reward, rank[(s.prompt, s.sample)], s.prompt, s.sample))[:n]
     return sorted(ranked, key=lambda s: (s.prompt, s.sample))
 
 
