@@ -192,7 +192,7 @@ class AlignSection(_Section):
     """`lmflow-ray align`: RAFT and iterative DPO, generate -> score -> keep / pair -> train, repeated."""
 
     algorithm: Literal["raft", "iterative_dpo"] = Field("raft", description="raft (best samples -> SFT) | iterative_dpo (scored pairs -> DPO)")
-    num_iterations: int = Field(3, ge=1, description="iterations (LMFlow's num_raft_iteration); with dataset_path_list, one per listed dataset")
+    num_iterations: int | None = Field(None, ge=1, description="iterations (LMFlow's num_raft_iteration); empty = one per dataset_path_list entry, else 3")
     dataset_path_list: list[str] | None = Field(None, description="iterative_dpo: one prompt dataset per iteration (LMFlow's key); empty = data.dataset_path every time")
     prompts_per_iteration: int | None = Field(None, ge=1, description="prompts each iteration samples, taken in turn through the prompt set (LMFlow's raft_batch_size); empty = all")
     num_output_sequences: int = Field(8, ge=1, description="K, responses sampled per prompt")

@@ -117,8 +117,7 @@ def test_iterative_dpo_pairs_by_reward_and_keeps_the_start_as_reference(ray_loca
     args = overrides(tiny_model_dir, orders, "s3://lmflow-align/dpo", reward_file, "run_name=dpo",
                      "algorithm=iterative_dpo", "sampling_paired_method=max_min", "use_lora=true", "lora_r=4",
                      "lora_target_modules=q_proj,v_proj", "beta=0.1", f"endpoint_url={s3_server.endpoint}",
-                     f"aws_access_key_id={s3_server.access_key}", f"aws_secret_access_key={s3_server.secret_key}",
-                     f"eval_dataset_path={orders}", "max_eval_samples=4", "metric=acc")
+                     f"aws_access_key_id={s3_server.access_key}", f"aws_secret_access_key={s3_server.secret_key}")
     said = []
     result = run_align(load_recipe(None, args), say=said.append)
     work = "s3://lmflow-align/dpo/dpo"
@@ -143,6 +142,3 @@ def test_iterative_dpo_pairs_by_reward_and_keeps_the_start_as_reference(ray_loca
         assert p["chosen"]["messages"][:-1] == p["rejected"]["messages"][:-1]  # one prompt, two replies
     assert first["reward_chosen_mean"] > first["reward_rejected_mean"]
     assert "rewards/accuracies" in first["train"] and first["train"]["steps"] >= 1
-    # Held out: the start, then each iteration's policy, evaluated in the work folder.
-    assert result.base["count"] == 4 and all(it["eval"]["count"] == 4 for it in result.iterations)
-    assert json.loads(read(storage.join(work, "iteration_2/eval/results.json"), s3))["count"] == 4

@@ -79,19 +79,26 @@ def test_cli_recipe_prints_the_merged_recipe_and_fails_cleanly(repo_python):
     assert bad.stderr.strip() == "error: override 'lora_alpah=3': lora_alpah: unknown key; did you mean model.lora_alpha?"
 
 
-def test_every_shipped_recipe_loads_and_its_method_can_run():
+def test_every_shipped_recipe_loads_and_its_method_can_run(monkeypatch):
+    from lmflow_ray.align.loop import check as check_align
     from lmflow_ray.train.trainer import check_method
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # recipes name files from the repository root
 
     recipes = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
     assert len(recipes) >= 7
-    methods = set()
+    methods, aligned = set(), set()
     for path in recipes:
         if path.name == "runtime_env.yaml":
             continue
         recipe = load_recipe(path)
         check_method(recipe, recipe.train.num_workers)
         methods.add(recipe.method)
+        if recipe.align.reward_function or recipe.align.reward_model_name_or_path:
+            check_align(recipe)  # the online ones: prompts, reward function, objective
+            aligned.add(recipe.align.algorithm)
     assert methods == {"full", "lora", "qlora", "lisa"}
+    assert aligned == {"raft", "iterative_dpo"}
 
 
 @pytest.mark.parametrize("address,loopback", [

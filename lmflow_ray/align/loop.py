@@ -56,7 +56,7 @@ def prompt_sources(recipe: Recipe) -> list[str]:
         return list(a.dataset_path_list)
     if not recipe.data.dataset_path:
         raise UserError("data.dataset_path: required (the prompts), or align.dataset_path_list")
-    return [recipe.data.dataset_path] * a.num_iterations
+    return [recipe.data.dataset_path] * (a.num_iterations or 3)
 
 
 def check(recipe: Recipe) -> None:
@@ -69,7 +69,7 @@ def check(recipe: Recipe) -> None:
     scoring.check_reward(recipe)
     if a.algorithm == "iterative_dpo" and a.num_output_sequences < 2:
         raise UserError("align.num_output_sequences: iterative_dpo pairs responses, so it needs at least 2 per prompt")
-    if a.dataset_path_list and a.num_iterations not in (3, len(a.dataset_path_list)):  # 3: the default
+    if a.dataset_path_list and a.num_iterations not in (None, len(a.dataset_path_list)):
         raise UserError(f"align.num_iterations {a.num_iterations}: dataset_path_list has {len(a.dataset_path_list)} "
                         "datasets, one per iteration (leave num_iterations out)")
     s3 = storage.S3Options.resolve(recipe.storage)
@@ -424,6 +424,9 @@ def reward_figure(result: AlignResult, algorithm: str) -> bytes:
     key = "reward_kept_mean" if algorithm == "raft" else "reward_chosen_mean"
     ax.plot(its, [it[key] for it in result.iterations], "s-", label="kept" if algorithm == "raft" else "chosen")
     ax.set_xlabel("iteration")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("reward")
     accs = [(it["iteration"], it["eval"]["metrics"]["acc"]) for it in result.iterations
             if it.get("eval") and "acc" in it["eval"]["metrics"]]
