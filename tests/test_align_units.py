@@ -29,9 +29,11 @@ def test_the_support_reward_gives_partial_credit_on_the_way_to_the_answer():
     assert r("", " ORD-123456\n", "ORD-123456") == 1.0
     assert r("", "Your order is ORD-123456.", "ORD-123456") == pytest.approx(0.6)
     assert r("", "order #123456", "ORD-123456") == pytest.approx(0.4)
-    assert r("", "Hello, how can I help?", "ORD-123456") == 0.0
-    assert r("", "ORD-654321", "ORD-123456") == pytest.approx(-0.3)  # a decoy is worse than no number
-    assert r("", "123456 or 654321", "ORD-123456") == pytest.approx(0.1)
+    assert r("", "ORD-654321", "ORD-123456") == pytest.approx(0.1)  # the answer's form, a decoy's number
+    assert r("", "Hello, how can I help?", "ORD-123456") == 0.0  # below the right form, above two decoys
+    assert r("", "ORD-123", "ORD-123456") == 0.0  # cut short
+    assert r("", "call 555123 or 777123", "ORD-123456") == pytest.approx(-0.2)
+    assert r("", "123456 or 654321", "ORD-123456") == pytest.approx(0.3)
     assert r("", "ORD-1234567", "ORD-123456") == 0.0  # seven digits are not the number
 
 
