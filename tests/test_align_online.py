@@ -142,3 +142,11 @@ def test_iterative_dpo_pairs_by_reward_and_keeps_the_start_as_reference(ray_loca
         assert p["chosen"]["messages"][:-1] == p["rejected"]["messages"][:-1]  # one prompt, two replies
     assert first["reward_chosen_mean"] > first["reward_rejected_mean"]
     assert "rewards/accuracies" in first["train"] and first["train"]["steps"] >= 1
+    # One more iteration with LMFlow's do_dpo_align off: iterations 1-2 are read back, iteration 3
+    # generates, scores and writes its pairs, and the run stops there, as asked.
+    said = []
+    more = run_align(load_recipe(None, args + ["num_iterations=3", "do_dpo_align=false"]), say=said.append)
+    assert len(more.iterations) == 2 and more.policy == second["policy"]
+    assert "align.do_dpo_align false: stopping after iteration 3's pairs" in "\n".join(said)
+    assert read(storage.join(work, "iteration_3/pairs/pairs.json"), s3)
+    assert storage.read_bytes(storage.join(work, "iteration_3/policy.json"), s3) is None

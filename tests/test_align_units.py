@@ -23,18 +23,16 @@ def support_reward():
     return module.order_number_reward
 
 
-def test_the_support_reward_gives_partial_credit_on_the_way_to_the_answer():
+def test_the_support_reward_credits_the_right_number_only():
     r = support_reward()
     assert r("", "ORD-123456", "ORD-123456") == 1.0
     assert r("", " ORD-123456\n", "ORD-123456") == 1.0
     assert r("", "Your order is ORD-123456.", "ORD-123456") == pytest.approx(0.6)
     assert r("", "order #123456", "ORD-123456") == pytest.approx(0.4)
-    assert r("", "ORD-654321", "ORD-123456") == pytest.approx(0.1)  # the answer's form, a decoy's number
-    assert r("", "Hello, how can I help?", "ORD-123456") == 0.0  # below the right form, above two decoys
-    assert r("", "ORD-123", "ORD-123456") == 0.0  # cut short
-    assert r("", "call 555123 or 777123", "ORD-123456") == pytest.approx(-0.2)
-    assert r("", "123456 or 654321", "ORD-123456") == pytest.approx(0.3)
-    assert r("", "ORD-1234567", "ORD-123456") == 0.0  # seven digits are not the number
+    assert r("", "123456 or 654321", "ORD-123456") == pytest.approx(0.3)  # right, with a decoy beside it
+    # Every wrong reply ties at 0: a decoy in the answer's form, a chatty reply, a cut-short number.
+    for wrong in ("ORD-654321", "Hello, how can I help?", "ORD-123", "ORD-1234567", "call 555123 or 777123"):
+        assert r("", wrong, "ORD-123456") == 0.0, wrong
 
 
 def test_reward_functions_load_from_a_file_or_a_module_and_are_called_right(tmp_path):

@@ -95,18 +95,19 @@ def test_shortened_alignment_demo_runs_the_whole_chain(repo_python, tmp_path):
 
 @pytest.mark.slow
 def test_shortened_online_demo_runs_raft_from_the_base_model(repo_python, tmp_path):
-    """`lmflow-ray demo jobs/demo_raft.yaml` shortened (1 iteration: 4 e-mails x 4 samples, 2 steps,
-    4 held-out): base eval -> generate -> score -> keep -> LoRA SFT on ZeRO-2 -> eval, and the table."""
+    """`lmflow-ray demo jobs/demo_raft.yaml` shortened (1 iteration: 8 e-mails x 4 samples, the top 4
+    kept, 2 steps of LoRA SFT on one worker, 4 held-out): base eval -> generate -> score -> keep ->
+    train -> eval, and the table. (LoRA on ZeRO-2 with 2 workers runs in the alignment demo's test.)"""
     out = tmp_path / "runs"
     proc = repo_python("-m", "lmflow_ray.cli", "demo", "jobs/demo_raft.yaml", "num_iterations=1",
-                       "prompts_per_iteration=4", "num_output_sequences=4", "max_steps=2", "max_eval_samples=4",
-                       f"output_model_path={out}", timeout=900)
+                       "prompts_per_iteration=8", "num_output_sequences=4", "max_steps=2", "max_eval_samples=4",
+                       "num_workers=1", "deepspeed=", f"output_model_path={out}", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     work = out / "demo-raft"
-    assert "[iteration 1] generating 4 responses for each of 4 prompts with default" in proc.stdout
+    assert "[iteration 1] generating 4 responses for each of 8 prompts with default" in proc.stdout
     report = json.loads((work / "iterations.json").read_text())
     (it,) = report["iterations"]
-    assert (it["prompts"], it["responses"], it["kept"], it["train"]["steps"]) == (4, 16, 2, 2)  # top 1 in 8
+    assert (it["prompts"], it["responses"], it["kept"], it["train"]["steps"]) == (8, 32, 4, 2)  # top 1 in 8
     assert it["reward_kept_mean"] >= it["reward_mean"]
     assert report["base"]["count"] == it["eval"]["count"] == 4
     assert it["policy"] == str(work / "iteration_1" / "model" / "merged")  # LoRA: merged for the next step

@@ -1,13 +1,15 @@
-"""The support-desk task's reward for RAFT and iterative DPO: partial credit on the way to the exact
-answer, so a model that rarely answers exactly still has better and worse samples to learn from,
-and every step up the ladder is a step toward the answer:
+"""The support-desk task's reward for RAFT and iterative DPO: credit for the right order number
+only, graded by how close the reply is to the exact answer:
 
   1.0   the reply is exactly the order number as asked: ORD- and its six digits
   0.6   the order number is in the reply, written as asked (ORD-123456), with other words around it
   0.4   the order number's six digits are in the reply, written some other way
-  0.2   the reply has the answer's form, ORD- and six digits, but another number (a decoy)
-  0     anything else (a chatty reply, a number cut short)
-  -0.1  for every other six-digit number in a reply that is not exactly right
+  -0.1  for every other six-digit number in such a reply (a right number is best given alone)
+  0     any reply without the order number: a chatty one, a decoy, a number cut short alike
+
+Every wrong reply scores the same 0 on purpose. Iterative DPO then makes no pair from an e-mail
+whose samples are all wrong (a tie teaches nothing), instead of preferring one kind of wrong
+answer to another; RAFT keeps only what scores best.
 
 Used as align.reward_function: jobs/data/support_reward.py:order_number_reward
 """
@@ -15,7 +17,6 @@ Used as align.reward_function: jobs/data/support_reward.py:order_number_reward
 import re
 
 SIX = re.compile(r"(?<!\d)\d{6}(?!\d)")
-FORM = re.compile(r"ORD-\d{6}")
 
 
 def order_number_reward(prompt: str, response: str, reference: str) -> float:
@@ -28,8 +29,6 @@ def order_number_reward(prompt: str, response: str, reference: str) -> float:
         score = 0.6
     elif digits in found:
         score = 0.4
-    elif FORM.fullmatch(reply):
-        score = 0.2
     else:
-        score = 0.0
+        return 0.0
     return score - 0.1 * sum(1 for number in found if number != digits)

@@ -38,6 +38,10 @@ STAGE_KIND = "align stage"
 OBJECTIVE = {"raft": "sft", "iterative_dpo": "dpo"}
 
 
+class Stopped(Exception):
+    """A stage switched off by the recipe: the run ends there, as asked (not an error)."""
+
+
 @dataclass
 class AlignResult:
     work_uri: str
@@ -249,7 +253,11 @@ def run_align(recipe: Recipe, fresh: bool = False, say: Callable[[str], None] = 
             result.base = evaluate_policy(recipe, start, storage.join(work, "iteration_0", "eval"), s3, say, "base")
         policy = start
         for n, source in enumerate(sources, start=1):
-            info, policy = iteration(recipe, n, source, policy, start, work, s3, say)
+            try:
+                info, policy = iteration(recipe, n, source, policy, start, work, s3, say)
+            except Stopped as stop:  # LMFlow's do_* switches: one stage alone, then a clean stop
+                say(str(stop))
+                return result
             result.iterations.append(info)
             result.policy = policy
             write_report(result, recipe, s3)
@@ -293,7 +301,7 @@ def iteration(recipe: Recipe, n: int, source: str, policy: str, start: str, work
         rows = read_rows(score_uri, "scores.parquet", s3)
     else:
         if not a.do_scoring:
-            raise UserError(f"align.do_scoring false: {score_uri} holds no scores")
+            raise Stopped(f"align.do_scoring false: stopping after iteration {n}'s generations ({gen_uri})")
         say(f"[iteration {n}] scoring {len(rows)} responses")
         rows = score_rows(recipe, kind, rows, say)
         write_rows(score_uri, "scores.parquet", rows, s3)
@@ -328,7 +336,8 @@ def iteration(recipe: Recipe, n: int, source: str, policy: str, start: str, work
         new_policy, info["train"] = done_policy["policy"], done_policy.get("train", {})
     else:
         if not a.do_dpo_align:
-            raise UserError(f"align.do_dpo_align false: stopping after iteration {n}'s data ({data_uri})")
+            raise Stopped(f"align.do_dpo_align false: stopping after iteration {n}'s "
+                          f"{'kept replies' if a.algorithm == 'raft' else 'pairs'} ({data_uri})")
         reference = None
         if a.algorithm == "iterative_dpo" and a.reference_policy == "initial" and policy != start:
             reference = start  # RLHFlow: every iteration against the starting model
