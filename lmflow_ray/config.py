@@ -133,6 +133,7 @@ class TrainSection(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo sigmoid / simpo: ε, the share of pairs assumed mislabelled (cDPO)")
     simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: the target reward margin γ")
     margin_scale: float = Field(1.0, ge=0.0, description="dpo: multiplies a pair's `margin` field in the loss")
+    rpo_alpha: float = Field(0.0, ge=0.0, description="dpo: adds α x the chosen reply's per-token NLL (TRL's RPO), so DPO cannot lower the chosen replies' own likelihood")
     precompute_ref_log_probs: bool | None = Field(None, description="dpo: the reference's log-probs computed once before training (always for full fine-tuning); empty = LoRA uses its base with the adapter disabled")
     reference_model_name_or_path: str | None = Field(None, description="dpo: the reference model, scored once before training (implies precompute_ref_log_probs); empty = the model training starts from")
 

@@ -47,6 +47,9 @@ def test_dpo_sigmoid_hinge_and_cdpo_by_hand():
     assert dpo("hinge")[0] == pytest.approx(0.8)  # relu(1 - 0.2)
     assert dpo("hinge", beta=1.0)[0] == 0.0  # βΔ = 2 is past the hinge
     assert dpo("sigmoid", margin=t(0.2))[0] == pytest.approx(math.log(2))  # βΔ - m = 0
+    # RPO: plus α times the chosen side's per-token NLL, 10 / 2 = 5 nats.
+    assert dpo("sigmoid", rpo_alpha=0.5)[0] == pytest.approx(0.5981389 + 0.5 * 5.0)
+    assert dpo("hinge", rpo_alpha=1.0)[0] == pytest.approx(0.8 + 5.0)
 
 
 def test_ipo_uses_per_token_averages_and_simpo_needs_no_reference():

@@ -45,21 +45,23 @@ def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tens
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
              ref_rejected: torch.Tensor | None, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor, *,
              beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.5,
-             margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             margin: torch.Tensor | None = None, rpo_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per pair: (loss, chosen reward, rejected reward) from summed log-probs of each side.
 
     With Δ = (logπ_c - logπ_ref_c) - (logπ_r - logπ_ref_r) and m = margin (0 without one):
     sigmoid -(1-ε)·logsigmoid(βΔ - m) - ε·logsigmoid(-(βΔ - m)); hinge relu(1 - (βΔ - m));
     ipo (Δ̄ - 1/(2β))² with Δ̄ from per-token averaged log-probs (TRL); simpo (no reference)
     -logsigmoid(β(logπ_c/|c| - logπ_r/|r|) - γ - m), with label smoothing as sigmoid's.
-    Rewards are β times the log-ratio (simpo: β times the averaged log-prob), as TRL logs them."""
+    Rewards are β times the log-ratio (simpo: β times the averaged log-prob), as TRL logs them.
+    ``rpo_alpha`` α adds α times the chosen side's per-token NLL, -logπ_c/|c| (TRL's RPO)."""
+    nll = -policy_chosen / chosen_tokens.clamp(min=1)
     m = margin if margin is not None else torch.zeros_like(policy_chosen)
     if loss_type == "simpo":
         chosen_r = beta * policy_chosen / chosen_tokens.clamp(min=1)
         rejected_r = beta * policy_rejected / rejected_tokens.clamp(min=1)
         logits = chosen_r - rejected_r - simpo_gamma - m
         loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-        return loss, chosen_r.detach(), rejected_r.detach()
+        return loss + rpo_alpha * nll, chosen_r.detach(), rejected_r.detach()
     assert ref_chosen is not None and ref_rejected is not None, f"loss_type {loss_type} needs reference log-probs"
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     if loss_type == "ipo":
@@ -73,7 +75,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
         else:
             raise ValueError(f"loss_type {loss_type!r}: one of {', '.join(DPO_LOSSES)}")
-    return loss, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+    return loss + rpo_alpha * nll, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 def segment_logps(logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
@@ -235,8 +237,8 @@ class DPO(_Pairs):
     name = "dpo"
 
     def __init__(self, beta: float, loss_type: str, label_smoothing: float, simpo_gamma: float,
-                 margin_scale: float, live_reference: bool):
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+                 margin_scale: float, live_reference: bool, rpo_alpha: float = 0.0):
+        self.beta, self.loss_type, self.label_smoothing, self.rpo_alpha = beta, loss_type, label_smoothing, rpo_alpha
         self.simpo_gamma, self.margin_scale, self.live_reference = simpo_gamma, margin_scale, live_reference
 
     def loss(self, model, inputs):
@@ -257,7 +259,7 @@ class DPO(_Pairs):
         losses, chosen, rejected = dpo_loss(
             logps[0::2], logps[1::2], None if ref is None else ref[0::2], None if ref is None else ref[1::2],
             tokens[0::2], tokens[1::2], beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            simpo_gamma=self.simpo_gamma, margin=margin)
+            simpo_gamma=self.simpo_gamma, margin=margin, rpo_alpha=self.rpo_alpha)
         return losses.mean(), self._tally(losses, chosen, rejected, trained, logps[0::2], logps[1::2])
 
     def metrics(self, totals):
@@ -281,7 +283,7 @@ def make_objective(train: Any, use_lora: bool) -> Objective:
         return Reward()
     if train.objective == "dpo":
         return DPO(train.beta, train.loss_type, train.label_smoothing, train.simpo_gamma, train.margin_scale,
-                   live_reference=reference_is_live(train, use_lora))
+                   live_reference=reference_is_live(train, use_lora), rpo_alpha=train.rpo_alpha)
     return SFT()
 
 
