@@ -261,3 +261,16 @@ def test_preference_objectives_refuse_unpaired_data_and_a_live_reference_without
     with pytest.raises(UserError, match="eval_dataset_path .*a conversation dataset"):
         preflight(load_recipe(None, [f"dataset_path={pairs}", "objective=reward", f"eval_dataset_path={chat}",
                                      "eval_steps=2"]))
+
+
+def test_restarts_after_failures_and_after_preemptions_are_counted_apart():
+    from lmflow_ray.config import load_recipe
+    from lmflow_ray.train.trainer import failure_config
+
+    default = failure_config(TrainSection())
+    assert (default.max_failures, default.max_preemption_failures) == (0, -1)  # Ray's defaults
+    r = load_recipe(None, ["max_failures=3", "--max_preemption_failures", "0"])
+    chosen = failure_config(r.train)
+    assert (chosen.max_failures, chosen.max_preemption_failures) == (3, 0)
+    with pytest.raises(UserError, match="max_preemption_failures"):
+        load_recipe(None, ["max_preemption_failures=-2"])

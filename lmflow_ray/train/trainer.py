@@ -187,6 +187,14 @@ def token_rows(recipe: Recipe) -> Any:
     return ds.materialize()
 
 
+def failure_config(train: Any) -> Any:
+    """Ray Train's restarts: ``max_failures`` after a worker or node fails, and apart from those
+    ``max_preemption_failures`` after a node is preempted."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=train.max_failures, max_preemption_failures=train.max_preemption_failures)
+
+
 def run_folder(recipe: Recipe, run_name: str) -> str:
     out = recipe.storage.output_model_path
     return storage.join(out if storage.is_remote(out) else os.path.abspath(out), run_name)
@@ -231,7 +239,7 @@ def merge_at_end(recipe: Recipe, result: RunResult, s3: S3Options, say) -> str:
 
 
 def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool, say, progress: bool) -> RunResult:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from lmflow_ray.train.worker import train_loop
@@ -288,7 +296,7 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.storage.save_total_limit),
-            failure_config=FailureConfig(max_failures=recipe.train.max_failures)),
+            failure_config=failure_config(recipe.train)),
         datasets={**{f"train_{rank}": part for rank, part in enumerate(parts)},
                   **{f"eval_{rank}": part for rank, part in enumerate(held or [])}},
         dataset_config=DataConfig(datasets_to_split=[]),
