@@ -124,6 +124,7 @@ class TrainSection(_Section):
     per_device_eval_batch_size: int | None = Field(None, ge=1, description="rows per eval forward pass; empty = per_device_train_batch_size")
     save_steps: int = Field(500, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1 = unlimited)")
+    placement_timeout_s: float = Field(600.0, ge=0, description="stop the run when its workers stay unplaced this long (not enough CPUs / GPUs, a lost node); 0 = wait as long as it takes, for an autoscaler")
     max_preemption_failures: int = Field(-1, ge=-1, description="restarts after a node is preempted (drained), counted apart from max_failures; -1 = unlimited, 0 = none (Ray's)")
     use_lisa: bool = False
     lisa_activated_layers: int = Field(1, ge=1)

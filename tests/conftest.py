@@ -32,6 +32,7 @@ TEST_SECONDS = {
     "test_raft_killed_while_scoring_restarts_there_and_runs_two_iterations": 105,
     "test_an_iteration_that_kept_too_little_for_every_worker_trains_on_fewer": 13,
     "test_a_killed_worker_resumes_from_the_last_checkpoint": 135,
+    "test_workers_the_cluster_cannot_place_stop_the_run_with_what_is_missing": 45,
     "test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling": 135,
     "test_readme_command_runs_as_written": 20,
     "test_lora_zero2_on_s3_resumes_exports_and_merges": 107,

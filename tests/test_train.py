@@ -206,3 +206,16 @@ def test_a_full_disk_at_a_checkpoint_ends_the_run_with_one_line_naming_it(ray_lo
     message = str(err)
     assert "\n" not in message and "No space left on device" in message and err.exit_code == 1
     assert message.startswith(f"writing checkpoint {small_disk}/full-disk/checkpoint_000002 failed: ")
+
+
+@pytest.mark.slow
+def test_workers_the_cluster_cannot_place_stop_the_run_with_what_is_missing(repo_python, tmp_path):
+    """Ray Train would wait for them without a word; the CLI stops after placement_timeout_s."""
+    proc = repo_python("-m", "lmflow_ray.cli", "train", "jobs/finetune_lora.yaml", "max_steps=1", "block_size=256",
+                       "per_device_train_batch_size=1", "resources_per_worker={CPU: 64}", "placement_timeout_s=15",
+                       f"output_model_path={tmp_path}", "run_name=unplaced", timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "error: train: the workers could not be placed for " in out
+    assert "2 workers of {CPU: 64} fit 0 at most on this cluster's 1 node(s)" in out
+    assert not list((tmp_path / "unplaced").glob("checkpoint_*"))

@@ -274,3 +274,35 @@ def test_restarts_after_failures_and_after_preemptions_are_counted_apart():
     assert (chosen.max_failures, chosen.max_preemption_failures) == (3, 0)
     with pytest.raises(UserError, match="max_preemption_failures"):
         load_recipe(None, ["max_preemption_failures=-2"])
+
+
+def test_unplaced_workers_get_a_notice_then_an_error_naming_what_is_missing():
+    from lmflow_ray.train.placement import PlacementWatch, group_placed, shortfall, worker_resources
+
+    assert worker_resources(None, False) == {"CPU": 1.0} and worker_resources(None, True) == {"CPU": 1.0, "GPU": 1.0}
+    pending = {"a": {"state": "PENDING", "bundles": {0: {"CPU": 8.0}, 1: {"CPU": 8.0}}}}
+    created = {"a": {"state": "CREATED", "bundles": {0: {"CPU": 1.0}, 1: {"CPU": 1.0}}}}
+    assert not group_placed(pending, 2) and group_placed(created, 2) and not group_placed(created, 3)
+    nodes = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 4.0}]
+    why = shortfall(2, {"CPU": 1.0, "GPU": 1.0}, nodes)
+    assert "2 workers of {CPU: 1, GPU: 1} fit 1 at most on this cluster's 2 node(s)" in why
+    assert "(the roomiest has {CPU: 2, GPU: 1}, all together {CPU: 6, GPU: 1})" in why
+
+    now, said = [0.0], []
+    watch = PlacementWatch(2, {"CPU": 1.0, "GPU": 1.0}, 300, said.append, notice_s=60, poll_s=5, clock=lambda: now[0])
+    table = [pending]
+    for t in range(0, 295, 5):  # placed at 30 s, a node lost at 40 s: unplaced since the 35 s poll
+        now[0] = float(t)
+        if t == 30:
+            table[0] = created
+        if t == 40:
+            table[0] = pending
+        watch.check(lambda: table[0], lambda: nodes)
+    assert len(said) == 1 and said[0].startswith("train: waiting 60 s to place the workers: 2 workers")
+    now[0] = 345.0
+    with pytest.raises(UserError, match=r"could not be placed for 310 s: 2 workers of \{CPU: 1, GPU: 1\} fit 1"):
+        watch.check(lambda: table[0], lambda: nodes)
+    forever = PlacementWatch(2, {"CPU": 1.0}, 0, said.append, clock=lambda: now[0])
+    now[0] = 10_000.0
+    forever.check(lambda: pending, lambda: nodes)  # 0: for an autoscaler, a notice and no error
+    assert "waiting as long as it takes" in said[-1]

@@ -23,6 +23,7 @@ from lmflow_ray.model.locate import exact_uri, model_folder
 from lmflow_ray.storage import S3Options
 from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
 from lmflow_ray.train.objectives import needs_reference_pass
+from lmflow_ray.train.placement import PlacementWatch, worker_resources
 from lmflow_ray.train.plan import Plan, make_plan
 
 
@@ -301,7 +302,9 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
                   **{f"eval_{rank}": part for rank, part in enumerate(held or [])}},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = _fit_with_progress(trainer, board, plan, resume.step if resume else 0, progress)
+    watch = PlacementWatch(world, worker_resources(recipe.train.resources_per_worker, _use_gpu(recipe)),
+                           recipe.train.placement_timeout_s, say)
+    result = _fit_with_progress(trainer, board, plan, resume.step if resume else 0, progress, watch)
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
@@ -311,7 +314,7 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
                      latest.export_uri if latest else "")
 
 
-def _fit_with_progress(trainer, board, plan: Plan, start: int, progress: bool):
+def _fit_with_progress(trainer, board, plan: Plan, start: int, progress: bool, watch: PlacementWatch | None = None):
     """fit() in a thread; the terminal gets a progress bar fed by rank 0 through a tiny actor."""
     box: dict[str, Any] = {}
 
@@ -328,6 +331,8 @@ def _fit_with_progress(trainer, board, plan: Plan, start: int, progress: bool):
         thread.join(timeout=1.0)
         if bar is not None:
             bar.show(board)
+        if watch is not None and thread.is_alive():
+            watch.check()  # raises when the workers stay unplaced too long; the driver's exit ends the run
     if bar is not None:
         bar.show(board, final=True)
     if "error" in box:
