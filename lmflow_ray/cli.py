@@ -386,13 +386,19 @@ def cmd_serve(args: argparse.Namespace, extras: list[str]) -> int:
     section = recipe.serve
     print("starting Ray ...", file=sys.stderr)
     connect(args.address)
+    from lmflow_ray.ray_init import check_shared
+
+    # The replicas load the model wherever Serve places them.
+    local = {"model.model_name_or_path": recipe.model.model_name_or_path,
+             **{f"serve.lora_adapters.{name}": uri for name, uri in (section.lora_adapters or {}).items()}}
+    check_shared({key: path for key, path in local.items() if os.path.exists(path)})
     app = bind()
     from ray import serve
 
     from lmflow_ray.serve.front import start_serve
 
     private = not (args.address or os.environ.get("RAY_ADDRESS"))
-    start_serve(section.host, section.port)
+    start_serve(section.host, section.port, section.proxy_location)
     print("deploying (loading the model in each replica) ...", file=sys.stderr, flush=True)
     started = time.time()
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -118,7 +118,7 @@ class TrainSection(_Section):
     seed: int = 42
     bf16: bool = False
     gradient_checkpointing: bool = False
-    deepspeed: str | None = Field(None, description="zero0 | zero2 | zero2_offload | zero3 | zero3_offload | zero3_offload_params, or a DeepSpeed JSON file; empty = plain DDP")
+    deepspeed: str | dict[str, Any] | None = Field(None, description="zero0 | zero2 | zero2_offload | zero3 | zero3_offload | zero3_offload_params, a DeepSpeed JSON file (read where the run starts; its content travels to the workers) or the JSON inline; empty = plain DDP")
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="eval loss on the held-out set every N steps and at the end; empty = logging_steps when a validation split is taken, else no eval")
     per_device_eval_batch_size: int | None = Field(None, ge=1, description="rows per eval forward pass; empty = per_device_train_batch_size")
@@ -170,6 +170,7 @@ class ServeSection(_Section):
     lora_adapters: dict[str, str] | None = Field(None, description="name -> adapter folder or checkpoint URI; served as BASE:name")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field("EveryNode", description="where Serve's HTTP proxy listens on host:port: every node (put a load balancer in front), the head only, or nowhere")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)

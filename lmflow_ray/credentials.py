@@ -17,6 +17,7 @@ from typing import Any
 MASK = "***"
 HOLDER_NAME = "lmflow_ray_secrets"
 HOLDER_NAMESPACE = "lmflow_ray"
+HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node has
 
 _lock = threading.Lock()
 _values: dict[str, str] = {}      # reference -> value, for the secrets this process holds
@@ -123,8 +124,11 @@ def _holder(create: bool):
     import ray
 
     if create:
+        # On the head node, which the cluster cannot lose and go on: placed anywhere, it would take
+        # every credential with it when its node went (a restarted worker group could not start).
         return (ray.remote(num_cpus=0, max_restarts=0)(_Holder)
-                .options(name=HOLDER_NAME, namespace=HOLDER_NAMESPACE, lifetime="detached", get_if_exists=True)
+                .options(name=HOLDER_NAME, namespace=HOLDER_NAMESPACE, lifetime="detached", get_if_exists=True,
+                         resources={HEAD_RESOURCE: 0.001})
                 .remote())
     return ray.get_actor(HOLDER_NAME, namespace=HOLDER_NAMESPACE)
 

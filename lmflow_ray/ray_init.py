@@ -32,8 +32,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """ray.init once per process, with a runtime env that every worker gets. Worker output stays
     in Ray's log files (the dashboard shows it), not on this terminal."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # Only a private local cluster: keep every socket on 127.0.0.1 (must be set before import).
+    if not address or on_loopback(address):
+        # A private local cluster, or one on loopback: keep every socket on 127.0.0.1 (must be set
+        # before import). Otherwise Ray swaps a 127.0.0.1 address for this machine's external one
+        # and looks for the cluster there, where a cluster on loopback does not listen.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -127,7 +129,8 @@ def quiet_data_logs() -> None:
 
 def model_copies(asked: int = 0) -> tuple[int, float, float]:
     """(model copies, CPUs each, GPUs each) for a batch-inference job on this cluster: ``asked``
-    copies, or else one per GPU, or one per 4 CPUs."""
+    copies, or else one per GPU, or one per 4 CPUs; a copy never asks for more CPUs than the
+    largest node has (it could not be placed)."""
     import ray
 
     res = ray.cluster_resources()
@@ -135,4 +138,76 @@ def model_copies(asked: int = 0) -> tuple[int, float, float]:
     n = asked or (gpus if gpus else max(1, cpus // 4))
     if gpus:
         return n, 1.0, 1.0
-    return n, float(max(1, cpus // n)), 0.0
+    largest = max((int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]), default=cpus)
+    return n, float(max(1, min(cpus // n, largest))), 0.0
+
+
+def _local_fingerprint(path: str) -> list | None:
+    """What a local path holds, as names and sizes (not times: copies on other nodes differ in
+    those); None when it is not there."""
+    if os.path.isfile(path):
+        return [["", os.path.getsize(path)]]
+    if not os.path.isdir(path):
+        return None
+    found = []
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            found.append([os.path.relpath(full, path), os.path.getsize(full) if os.path.isfile(full) else -1])
+            if len(found) >= 2000:  # enough to tell another copy apart
+                return sorted(found)
+    return sorted(found)
+
+
+def _fingerprints(paths: list[tuple[str, bool]]) -> list:
+    """``_local_fingerprint`` of each (path, presence only) pair: presence only gives True or None."""
+    return [(True if os.path.exists(p) else None) if only else _local_fingerprint(p) for p, only in paths]
+
+
+def check_shared(paths: dict[str, str], present: dict[str, str] | None = None) -> None:
+    """On a cluster of several nodes, every local path here (``{recipe key: path}``) must hold the
+    same on every node: Ray tasks and workers read them wherever they run. Object-storage URIs
+    travel by themselves and are not checked (nor may callers pass hub ids or `default`). One tiny
+    task per node. ``present`` paths need only be there on every node (files that change, such as
+    a run folder's lease)."""
+    import ray
+
+    from lmflow_ray import storage
+    from lmflow_ray.errors import UserError
+
+    asked = {**paths, **(present or {})}
+    local = {key: (os.path.abspath(p), key in (present or {})) for key, p in asked.items()
+             if p and not storage.is_remote(p)}
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if not local or len(nodes) < 2:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    order = list(local)
+    here = _fingerprints([local[k] for k in order])
+    probe = ray.remote(num_cpus=0, max_retries=0)(_fingerprints)
+    futures = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+               .remote([local[k] for k in order]) for n in nodes}
+    where = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
+    seen = {}
+    for node_id, future in futures.items():
+        try:
+            seen[f"{where[node_id]} ({node_id[:12]})"] = ray.get(future, timeout=120)
+        except (ray.exceptions.RayError, TimeoutError):  # the node went away meanwhile: Ray places nothing there
+            continue
+    problem = first_difference({k: asked[k] for k in order}, here, seen)
+    if problem:
+        raise UserError(problem)
+
+
+def first_difference(asked: dict[str, str], here: list, seen: dict[str, list]) -> str | None:
+    """The message for the first node whose view of a path (``seen``: node -> one fingerprint per
+    key of ``asked``) is not this machine's (``here``), or None when every node sees the same."""
+    for node, theirs in seen.items():
+        for (key, path), mine, its in zip(asked.items(), here, theirs):
+            if its != mine:
+                what = "does not have it" if its is None else "holds other files there"
+                return (f"{key}: {path} is a local path, and node {node} {what}; on a cluster of several nodes "
+                        "every worker reads it where it runs: give an s3:// URI, a folder every node mounts, or "
+                        "a relative path inside `ray job submit --working-dir`")
+    return None

@@ -66,6 +66,28 @@ def test_deepspeed_json_auto_values_are_filled_and_conflicts_named(tmp_path):
         deepspeed_config(TrainSection(deepspeed="zero9"), 2)
 
 
+def test_a_deepspeed_file_travels_to_the_workers_as_its_content(tmp_path):
+    from lmflow_ray.config import load_recipe, recipe_to_yaml
+    from lmflow_ray.train.deepspeed import inline_file
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
+    train = TrainSection(deepspeed=str(path), per_device_train_batch_size=3)
+    inline = inline_file(train)
+    path.unlink()  # as on a node that never had the file
+    assert inline.deepspeed == {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+    assert deepspeed_config(inline, 2)["train_micro_batch_size_per_gpu"] == 3 and inline.deepspeed["train_micro_batch_size_per_gpu"] == "auto"
+    assert inline_file(TrainSection(deepspeed="zero2")).deepspeed == "zero2"
+    # an inline config in a recipe: what the checkpoint's recipe.yaml holds loads again
+    recipe = load_recipe(None, []).model_copy(update={"train": inline})
+    again = tmp_path / "recipe.yaml"
+    again.write_text(recipe_to_yaml(recipe))
+    assert zero_stage(deepspeed_config(load_recipe(str(again), []).train, 2)) == 2
+    inline.deepspeed["train_micro_batch_size_per_gpu"] = 16
+    with pytest.raises(UserError, match="is 16 in the inline config"):
+        deepspeed_config(inline, 2)
+
+
 def test_flops_per_token_counts_weight_gradients_only_when_trained():
     full = flops_per_token(1000, False, layers=2, hidden=8, width=16)
     lora = flops_per_token(1000, True, layers=2, hidden=8, width=16)
@@ -306,3 +328,19 @@ def test_unplaced_workers_get_a_notice_then_an_error_naming_what_is_missing():
     now[0] = 10_000.0
     forever.check(lambda: pending, lambda: nodes)  # 0: for an autoscaler, a notice and no error
     assert "waiting as long as it takes" in said[-1]
+
+
+def test_a_local_path_some_node_lacks_or_sees_otherwise_is_named_with_the_node(tmp_path):
+    from lmflow_ray.ray_init import _fingerprints, first_difference
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.json").write_text("{}")
+    asked = {"data.dataset_path": str(data), "storage.output_model_path": str(tmp_path / "run" / ".lease.json")}
+    here = _fingerprints([(str(data), False), (str(tmp_path / "run" / ".lease.json"), True)])
+    assert here == [[["a.json", 2]], None]
+    assert first_difference(asked, here, {"127.0.0.1 (aaa)": here, "127.0.0.1 (bbb)": here}) is None
+    lacks = first_difference(asked, here, {"127.0.0.1 (aaa)": here, "10.0.0.7 (bbb)": [None, None]})
+    assert lacks.startswith(f"data.dataset_path: {data} is a local path, and node 10.0.0.7 (bbb) does not have it")
+    other = first_difference(asked, here, {"10.0.0.8 (ccc)": [[["a.json", 3]], None]})
+    assert "node 10.0.0.8 (ccc) holds other files there" in other and "s3://" in other

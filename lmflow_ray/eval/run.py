@@ -24,6 +24,7 @@ from lmflow_ray.eval import metrics
 from lmflow_ray.eval.score import Item, prepare, prompt_text
 from lmflow_ray.model.load import load_for_inference, tokenizer_folder
 from lmflow_ray.model.locate import display_name, exact_uri, local_folder, split_adapter
+from lmflow_ray.ray_init import check_shared
 
 CHOICE_TYPES = ("multiple_choice", "binary_choice", "pubmedqa")
 PUBMEDQA_OPTIONS = ["yes", "no", "maybe"]
@@ -446,6 +447,10 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | st
         rows = item_rows(recipe, kind, spec, instances)
         workers, cpus, gpus = workers_for(recipe)
         workers = min(workers, max(1, math.ceil(len(rows) / section.inference_batch_size_per_device)))
+        # The rows travel from here; the scorers load the model wherever they run.
+        check_shared({key: uri for key, uri in (("model.model_name_or_path", base_uri),
+                                                ("model.model_name_or_path (its adapter)", adapter_uri))
+                      if uri and os.path.isabs(uri)})
         stage = ModelScorer
         stage_args = dict(base_uri=base_uri, adapter_uri=adapter_uri, s3=s3, threads=int(cpus), answer_type=section.answer_type,
                           wanted=list(section.metric), max_new_tokens=recipe.serve.max_new_tokens,

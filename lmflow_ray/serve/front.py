@@ -155,11 +155,12 @@ def proxy_middlewares() -> list[Any]:
     return [Middleware(ProxyErrors)]
 
 
-def start_serve(host: str, port: int) -> Any:
-    """``serve.start`` with the proxy listening on host:port and ProxyErrors in it: the callback's
-    import path goes in the controller's environment, which the proxies it starts inherit. (A
-    `serve run` config or a RayService sets RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH itself.)"""
+def start_serve(host: str, port: int, proxy_location: str = "EveryNode") -> Any:
+    """``serve.start`` with the proxy listening on host:port (on every node, or the head only) and
+    ProxyErrors in it: the callback's import path goes in the controller's environment, which the
+    proxies it starts inherit. (A `serve run` config or a RayService sets
+    RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH itself.)"""
     from ray import serve
 
-    return serve.start(http_options={"host": host, "port": port}, controller_options={
+    return serve.start(proxy_location=proxy_location, http_options={"host": host, "port": port}, controller_options={
         "runtime_env": {"env_vars": {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}}})

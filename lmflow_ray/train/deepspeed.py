@@ -37,8 +37,10 @@ def deepspeed_config(train: TrainSection, world_size: int) -> dict[str, Any] | N
     from the recipe, so the recipe and the JSON cannot disagree; the JSON may say "auto"."""
     if not train.deepspeed:
         return None
-    if train.deepspeed in PRESETS:
-        config: dict[str, Any] = {"zero_optimization": dict(PRESETS[train.deepspeed])}
+    if isinstance(train.deepspeed, dict):
+        config: dict[str, Any] = json.loads(json.dumps(train.deepspeed))  # a deep copy: "auto"s get filled
+    elif train.deepspeed in PRESETS:
+        config = {"zero_optimization": dict(PRESETS[train.deepspeed])}
     else:
         config = _from_file(train.deepspeed)
     ours = {
@@ -49,7 +51,8 @@ def deepspeed_config(train: TrainSection, world_size: int) -> dict[str, Any] | N
     }
     for key, value in ours.items():
         if config.get(key, "auto") not in ("auto", value):
-            raise UserError(f"train.deepspeed: {key} is {config[key]!r} in {train.deepspeed} but the recipe "
+            where = train.deepspeed if isinstance(train.deepspeed, str) else "the inline config"
+            raise UserError(f"train.deepspeed: {key} is {config[key]!r} in {where} but the recipe "
                             f"makes it {value!r}; set it to \"auto\" or change the recipe")
         config[key] = value
     config["bf16"] = {"enabled": train.bf16}
@@ -60,6 +63,14 @@ def deepspeed_config(train: TrainSection, world_size: int) -> dict[str, Any] | N
     config.setdefault("wall_clock_breakdown", False)
     config.setdefault("zero_optimization", {"stage": 0})
     return config
+
+
+def inline_file(train: TrainSection) -> TrainSection:
+    """``train`` with a DeepSpeed JSON file replaced by its content, read here: the workers, on any
+    node, get the config itself, not a path only this machine has."""
+    if not isinstance(train.deepspeed, str) or not train.deepspeed or train.deepspeed in PRESETS:
+        return train
+    return train.model_copy(update={"deepspeed": _from_file(train.deepspeed)})
 
 
 def zero_stage(config: dict[str, Any] | None) -> int:

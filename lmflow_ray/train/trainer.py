@@ -20,8 +20,9 @@ from lmflow_ray.data.pipeline import build_dataset, open_source
 from lmflow_ray.errors import UserError
 from lmflow_ray.lease import LEASE, Lease
 from lmflow_ray.model.locate import exact_uri, model_folder
+from lmflow_ray.ray_init import check_shared
 from lmflow_ray.storage import S3Options
-from lmflow_ray.train.deepspeed import deepspeed_config, offloads_optimizer, zero_stage
+from lmflow_ray.train.deepspeed import deepspeed_config, inline_file, offloads_optimizer, zero_stage
 from lmflow_ray.train.objectives import needs_reference_pass
 from lmflow_ray.train.placement import PlacementWatch, worker_resources
 from lmflow_ray.train.plan import Plan, make_plan
@@ -260,6 +261,13 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
     say(f"run {run_name}: " + (f"resuming from step {resume.step} ({resume.uri})" if resume else "starting") +
         f"; to resume later: run_name={run_name}")
 
+    d = recipe.data
+    ref = recipe.train.reference_model_name_or_path
+    check_shared({"data.dataset_path": d.dataset_path, "data.eval_dataset_path": d.eval_dataset_path,
+                  **{key: uri for key, uri in (("model.model_name_or_path", base),
+                                               ("train.reference_model_name_or_path", ref)) if uri and os.path.exists(uri)}},
+                 present={"storage.output_model_path": storage.join(run_uri, LEASE)})
+
     started = time.perf_counter()
     rows_ds = token_rows(with_model(recipe, tokens_from))
     held_ds = eval_rows(with_model(recipe, tokens_from), world)
@@ -287,6 +295,7 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
 
     storage_fs, storage_path = storage.filesystem(recipe.storage.output_model_path, s3)
     board = _progress_board() if progress else None
+    recipe = recipe.model_copy(update={"train": inline_file(recipe.train)})  # the JSON itself goes to the workers
     trainer = TorchTrainer(
         train_loop,
         # Python values, not JSON: credentials stay Secrets, which travel (and show) as references.
@@ -347,6 +356,7 @@ class _bar:
         self.tty = sys.stderr.isatty()
         self.tqdm = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not self.tty)
         self.last_logged = -1
+        self.groups = 0  # worker groups already told of
 
     def show(self, board, final: bool = False) -> None:
         import ray
@@ -356,6 +366,16 @@ class _bar:
         except Exception:  # the bar is best effort; training goes on
             return
         step, metrics = state["step"], state["metrics"]
+        for group in state["groups"][self.groups:]:
+            self.groups += 1
+            nodes = len(set(group["worker_nodes"]))
+            where = f"{group['world_size']} workers on {nodes} node{'s' if nodes > 1 else ''}"
+            line = (f"workers: {where}" if self.groups == 1 else
+                    f"a worker or node failed: the workers restarted ({where}), resuming from step {group['from_step']}")
+            if self.tty:
+                self.tqdm.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
         if self.tty:
             self.tqdm.n = step  # may go back after a restart from a checkpoint
             if metrics:
@@ -377,10 +397,16 @@ def _progress_board():
     """A tiny actor: rank 0 posts its step and latest metrics; the driver reads them for the bar."""
     import ray
 
-    @ray.remote(num_cpus=0)
+    from lmflow_ray.credentials import HEAD_RESOURCE
+
+    @ray.remote(num_cpus=0, resources={HEAD_RESOURCE: 0.001})  # on the head: it outlives a lost worker node
     class ProgressBoard:
         def __init__(self) -> None:
-            self.state = {"step": 0, "metrics": None}
+            self.state = {"step": 0, "metrics": None, "groups": []}
+
+        def started(self, group: dict) -> None:  # a worker group began (again): where and from which step
+            self.state["groups"].append(group)
+            self.state["step"] = group["from_step"]
 
         def update(self, metrics: dict) -> None:
             self.state["step"] = int(metrics["step"])

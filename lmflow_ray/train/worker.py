@@ -90,6 +90,15 @@ def train_loop(config: dict[str, Any]) -> None:
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             storage.verify_local(folder, latest.manifest, latest.uri)  # before any (pickled) file is loaded
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
+    # Where this worker group runs, from each worker's own context: one entry per start or restart.
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    state["worker_groups"] = [*state.get("worker_groups", []),
+                              {"from_step": state["step"], "world_size": world, "worker_nodes": nodes}]
+    if board is not None and rank == 0:
+        board.started.remote(state["worker_groups"][-1])
     peak = hardware_peak(device, torch.bfloat16 if recipe.train.bf16 else torch.float32)  # the whole run's
     tb = TensorBoard(tempfile.mkdtemp(prefix="lmflow-tb-")) if rank == 0 else None
     meter = Meter()
@@ -273,7 +282,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
                 json.dump({"step": step, "epoch": step / plan.steps_per_epoch, "world_size": world,
                            "lisa_layers": list(strategy.lisa.active) if strategy.lisa is not None else None,
                            "plan": plan.to_dict(), "log_history": state["log_history"],
-                           "resumed_at": state["resumed_at"]}, f, indent=1)
+                           "resumed_at": state["resumed_at"], "worker_groups": state["worker_groups"]}, f, indent=1)
             with open(os.path.join(folder, "recipe.yaml"), "w") as f:
                 f.write(recipe_to_yaml(recipe))
         mine = storage.list_local_files(folder, hashes=True)
@@ -379,7 +388,7 @@ def restore(folder: str, strategy, rank: int) -> dict:
     rng_file = os.path.join(folder, "rng", f"rank{rank % state['world_size']}.pt")
     set_rng_state(load_plain(rng_file, "rng/" + os.path.basename(rng_file)))
     return {"step": state["step"], "log_history": state["log_history"],
-            "resumed_at": [*state.get("resumed_at", []), state["step"]]}
+            "resumed_at": [*state.get("resumed_at", []), state["step"]], "worker_groups": state.get("worker_groups", [])}
 
 
 def finish(recipe: Recipe, plan: Plan, state: dict, run_uri: str, s3: dict, total_params: int,
