@@ -344,3 +344,25 @@ def test_a_local_path_some_node_lacks_or_sees_otherwise_is_named_with_the_node(t
     assert lacks.startswith(f"data.dataset_path: {data} is a local path, and node 10.0.0.7 (bbb) does not have it")
     other = first_difference(asked, here, {"10.0.0.8 (ccc)": [[["a.json", 3]], None]})
     assert "node 10.0.0.8 (ccc) holds other files there" in other and "s3://" in other
+
+
+def test_placed_workers_that_make_no_step_get_a_line_every_notice_period():
+    from lmflow_ray.train.placement import StallWatch
+
+    now = [0.0]
+    said = []
+    watch = StallWatch(said.append, notice_s=600, clock=lambda: now[0])
+    for t, seen in [(0, None), (900, None), (901, (1, 0)), (1500, (1, 0)), (1501, (1, 0))]:
+        now[0] = t
+        watch.check(seen)  # no group yet: nothing; then a group at step 0 that stays there
+    assert said == ["train: no step for 600 s (at step 0): the workers may be waiting for data a lost node held "
+                    "(Ray rebuilds it when a CPU is free: leave CPUs beside resources_per_worker) or for each other; "
+                    "the dashboard's Train view and the workers' logs tell which"]
+    for t, seen in [(1600, (1, 1)), (2100, (1, 2)), (2600, (2, 2)), (3100, (2, 2))]:
+        now[0] = t
+        watch.check(seen)  # steps (and a restarted group at the same step) reset the clock
+    assert len(said) == 1
+    for t in (3201, 3700, 3801, 4000):
+        now[0] = t
+        watch.check((2, 2))
+    assert [line.split(":")[1] for line in said[1:]] == [" no step for 601 s (at step 2)", " no step for 1201 s (at step 2)"]

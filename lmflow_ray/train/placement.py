@@ -87,3 +87,29 @@ def _alive_nodes() -> list[dict[str, Any]]:
     import ray
 
     return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+class StallWatch:
+    """Placed workers that make no step for ``notice_s`` get a line (again every ``notice_s``): a
+    worker group can wait without end for data a lost node held (Ray rebuilds it only when a CPU is
+    free) or for a peer stuck in a collective, and Ray says nothing of it."""
+
+    def __init__(self, say: Callable[[str], None], notice_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.say, self.notice_s, self.clock = say, notice_s, clock
+        self.step: tuple[int, int] | None = None  # (worker group, step)
+        self.since = self.clock()
+        self.told = 0  # notices given for this step
+
+    def check(self, step: tuple[int, int] | None) -> None:
+        """``step``: (worker group, its last step) while a group runs, else None."""
+        now = self.clock()
+        if step != self.step:
+            self.step, self.since, self.told = step, now, 0
+            return
+        waited = now - self.since
+        if step is None or waited < self.notice_s * (self.told + 1):
+            return
+        self.told += 1
+        self.say(f"train: no step for {waited:.0f} s (at step {step[1]}): the workers may be waiting for data "
+                 "a lost node held (Ray rebuilds it when a CPU is free: leave CPUs beside resources_per_worker) or "
+                 "for each other; the dashboard's Train view and the workers' logs tell which")

@@ -24,7 +24,7 @@ from lmflow_ray.ray_init import check_shared
 from lmflow_ray.storage import S3Options
 from lmflow_ray.train.deepspeed import deepspeed_config, inline_file, offloads_optimizer, zero_stage
 from lmflow_ray.train.objectives import needs_reference_pass
-from lmflow_ray.train.placement import PlacementWatch, worker_resources
+from lmflow_ray.train.placement import PlacementWatch, StallWatch, worker_resources
 from lmflow_ray.train.plan import Plan, make_plan
 
 
@@ -336,10 +336,11 @@ def _fit_with_progress(trainer, board, plan: Plan, start: int, progress: bool, w
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     bar = _bar(plan.total_steps, start) if progress else None
+    stall = StallWatch(lambda line: print(line, file=sys.stderr, flush=True))
     while thread.is_alive():
         thread.join(timeout=1.0)
         if bar is not None:
-            bar.show(board)
+            stall.check(bar.show(board))
         if watch is not None and thread.is_alive():
             watch.check()  # raises when the workers stay unplaced too long; the driver's exit ends the run
     if bar is not None:
@@ -357,14 +358,15 @@ class _bar:
         self.tqdm = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not self.tty)
         self.last_logged = -1
         self.groups = 0  # worker groups already told of
+        self.seen: tuple[int, int] | None = None  # what show() last read
 
-    def show(self, board, final: bool = False) -> None:
+    def show(self, board, final: bool = False) -> tuple[int, int] | None:
         import ray
 
         try:
             state = ray.get(board.read.remote(), timeout=5)
         except Exception:  # the bar is best effort; training goes on
-            return
+            return self.seen
         step, metrics = state["step"], state["metrics"]
         for group in state["groups"][self.groups:]:
             self.groups += 1
@@ -391,6 +393,9 @@ class _bar:
                   f"lr {metrics['learning_rate']:.2e}  grad_norm {metrics['grad_norm']:.3f}  "
                   f"tokens/s {metrics['tokens_per_s']:.0f}  mfu {metrics['mfu']:.2%}" +
                   (f"  eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""), file=sys.stderr, flush=True)
+        # (the group number, the step) once a worker group runs: what a stall is measured on
+        self.seen = (len(state["groups"]), step) if state["groups"] else None
+        return self.seen
 
 
 def _progress_board():
