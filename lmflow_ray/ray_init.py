@@ -150,8 +150,9 @@ def _local_fingerprint(path: str) -> list | None:
     if not os.path.isdir(path):
         return None
     found = []
-    for root, _dirs, files in os.walk(path):
-        for name in files:
+    for root, dirs, files in os.walk(path):
+        dirs.sort()  # the same first files on every node, whatever order its filesystem lists them in
+        for name in sorted(files):
             full = os.path.join(root, name)
             found.append([os.path.relpath(full, path), os.path.getsize(full) if os.path.isfile(full) else -1])
             if len(found) >= 2000:  # enough to tell another copy apart

@@ -261,9 +261,9 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
     say(f"run {run_name}: " + (f"resuming from step {resume.step} ({resume.uri})" if resume else "starting") +
         f"; to resume later: run_name={run_name}")
 
-    d = recipe.data
     ref = recipe.train.reference_model_name_or_path
-    check_shared({"data.dataset_path": d.dataset_path, "data.eval_dataset_path": d.eval_dataset_path,
+    held_path = (heldout_source(recipe) or (None,))[0]  # eval_dataset_path only when training reads it
+    check_shared({"data.dataset_path": recipe.data.dataset_path, "data.eval_dataset_path": held_path,
                   **{key: uri for key, uri in (("model.model_name_or_path", base),
                                                ("train.reference_model_name_or_path", ref)) if uri and os.path.exists(uri)}},
                  present={"storage.output_model_path": storage.join(run_uri, LEASE)})
