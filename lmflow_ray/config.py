@@ -99,10 +99,11 @@ class DataSection(_Section):
     preprocessing_num_workers: int | None = Field(None, ge=1, description="at most this many shards tokenized at once (Ray tasks); empty = as many as there are CPUs")
     mask_prompt: bool = Field(True, description="preference pairs: train only on where chosen and rejected differ (the replies); false = every assistant token")
     max_prompt_length: int | None = Field(None, ge=1, description="preference pairs: cut the shared prompt to its last N tokens")
+    streaming: bool = Field(False, description="keep no token rows: each epoch (and a restart) reads the pipeline again while the workers train; needs a CPU beside the workers, and counts the rows first unless max_steps is set")
 
 
 class TrainSection(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max]: elastic, as many as the cluster has room for (DDP and ZeRO-0)")
     use_gpu: bool | None = Field(None, description="empty = use GPUs when CUDA is present")
     resources_per_worker: dict[str, float] | None = None
     num_train_epochs: float = Field(1.0, gt=0)
@@ -138,6 +139,40 @@ class TrainSection(_Section):
     rpo_alpha: float = Field(0.0, ge=0.0, description="dpo: adds α x the chosen reply's per-token NLL (TRL's RPO), so DPO cannot lower the chosen replies' own likelihood")
     precompute_ref_log_probs: bool | None = Field(None, description="dpo: the reference's log-probs computed once before training (always for full fine-tuning); empty = LoRA uses its base with the adapter disabled")
     reference_model_name_or_path: str | None = Field(None, description="dpo: the reference model, scored once before training (implies precompute_ref_log_probs); empty = the model training starts from")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        """2, [1, 3] or "1,3" / "1-3" (the command line's form)."""
+        if isinstance(value, str) and any(sep in value for sep in ",-"):
+            value = [part for part in value.replace("-", ",").split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError("a number of workers, or [min, max] for elastic training")
+            low, high = (int(v) for v in value)
+            if not 1 <= low <= high:
+                raise ValueError(f"[min, max] needs 1 <= min <= max; got [{low}, {high}]")
+            return (low, high) if low < high else low
+        return value
+
+    @field_validator("num_workers")
+    @classmethod
+    def _at_least_one(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("at least 1 worker")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
 
 
 class StorageSection(_Section):

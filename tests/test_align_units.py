@@ -154,10 +154,10 @@ def test_an_iteration_that_kept_too_little_for_every_worker_trains_on_fewer():
     from lmflow_ray.config import TrainSection
     from lmflow_ray.train.plan import TooFewRows, make_plan
 
-    def runs(rows):  # train.run's step plan on ``rows`` packed rows, split equally among the workers
+    def runs(rows):  # train.run's step plan on ``rows`` packed rows
         def run(stage, say):
             world = stage.train.num_workers
-            make_plan(rows // world, world, stage.train, total_rows=rows)
+            make_plan(rows, world, stage.train)
             return world
         return run
 
@@ -166,10 +166,10 @@ def test_an_iteration_that_kept_too_little_for_every_worker_trains_on_fewer():
     assert train_filling_workers(four, runs(3), lines.append) == 3  # 3 rows: a step each for 3 workers
     assert lines == ["  the data makes a step for 3 of the 4 workers: training on 3"]
     assert train_filling_workers(four, runs(40), lines.append) == 4 and len(lines) == 1  # enough: as asked
-    with pytest.raises(TooFewRows, match="1 packed rows per worker"):  # not one step for one worker
+    with pytest.raises(TooFewRows, match="3 packed rows make less than one step of 2 workers"):  # not one step for one worker
         train_filling_workers(load_recipe(None, ["num_workers=2", "per_device_train_batch_size=4"]), runs(3),
                               lines.append)
-    assert make_plan(1, 2, TrainSection(per_device_train_batch_size=1), total_rows=3).steps_per_epoch == 1
+    assert make_plan(3, 2, TrainSection(per_device_train_batch_size=1)).total_steps == 1
 
 
 def test_answers_stop_at_the_first_stop_id_and_lora_ranks_round_up_to_what_vllm_takes(tiny_model_dir, tmp_path):

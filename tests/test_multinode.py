@@ -121,7 +121,10 @@ def test_two_replicas_on_two_nodes_answer_through_one_address(cluster, s3_server
     assert stop.returncode == 0, stop.stderr[-2000:]  # the replicas' CPUs back for the node-kill run
 
 
-def test_a_node_killed_mid_run_and_the_run_finishes_on_the_nodes_left(cluster, s3_server, tiny_model_dir, orders):
+def test_a_node_killed_mid_run_and_the_elastic_run_finishes_on_the_nodes_left(cluster, s3_server, tiny_model_dir,
+                                                                              orders):
+    """num_workers: [2, 3]: 3 workers on the 3 nodes, then 2 once a node is gone; the rows go on
+    from the checkpoint's row count (6 a step, then 4)."""
     s3 = S3Options(s3_server.endpoint, s3_server.access_key, s3_server.secret_key)
     run = "s3://lmflow-multinode/runs/lose-a-node"
     killed = {}
@@ -139,16 +142,20 @@ def test_a_node_killed_mid_run_and_the_run_finishes_on_the_nodes_left(cluster, s
     watcher = threading.Thread(target=kill_at_step_6, daemon=True)
     watcher.start()
     out = lmflow(cluster, s3_server, *train_args(tiny_model_dir, orders, "max_steps=30", "save_steps=3", "max_failures=3",
-                                                 "run_name=lose-a-node", "output_model_path=s3://lmflow-multinode/runs"))
+                                                 "num_workers=2,3", "run_name=lose-a-node",
+                                                 "output_model_path=s3://lmflow-multinode/runs"))
     watcher.join(timeout=5)
     assert killed, out.stdout[-3000:]
     assert "final model:  s3://lmflow-multinode/runs/lose-a-node/checkpoint_000030/hf" in out.stdout
-    assert "workers: 2 workers on 2 nodes" in out.stderr
+    assert "workers: 3 workers on 3 nodes" in out.stderr
     assert "a worker or node failed: the workers restarted (2 workers on 2 nodes), resuming from step" in out.stderr
     state = state_of(storage.join(run, "checkpoint_000030"), s3)
     assert state["step"] == 30 and state["resumed_at"] and state["resumed_at"][0] >= killed["at"]
     first, *later = state["worker_groups"]
     assert later and killed["node_id"] in first["worker_nodes"]
+    assert first["world_size"] == 3 and len(set(first["worker_nodes"])) == 3
     assert all(killed["node_id"] not in g["worker_nodes"] and g["world_size"] == 2 for g in later)
     steps = [h["step"] for h in state["log_history"]]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # one entry per step: none trained twice
+    resumed = later[0]["from_step"]  # (a later restart, if any, also on 2 workers)
+    assert state["rows"] == resumed * 6 + (30 - resumed) * 4  # every step took the rows after the last

@@ -14,17 +14,31 @@ from lmflow_ray.train.observe import flops_per_token, loss_figure, plot_loss, su
 from lmflow_ray.train.plan import lr_multiplier, make_plan
 
 
-def test_plan_counts_full_steps_and_epochs():
-    plan = make_plan(103, 2, TrainSection(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_train_epochs=2.5))
-    assert plan.steps_per_epoch == 103 // 12 == 8
-    assert plan.total_steps == 20
-    assert plan.epoch_of(7) == 0 and plan.epoch_of(8) == 1
+def test_plan_counts_steps_over_epochs_with_no_gap_and_says_what_it_leaves_out():
+    train = TrainSection(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_train_epochs=2.5)
+    plan = make_plan(103, 2, train)
+    assert plan.step_rows == 24 and plan.train_rows == 257  # floor(2.5 x 103)
+    assert plan.total_steps == 257 // 24 == 10 and plan.left_out == 257 - 240 == 17
+    assert plan.steps_per_epoch == pytest.approx(103 / 24) and plan.epoch_at(206) == 2.0
     assert make_plan(103, 2, TrainSection(max_steps=50)).total_steps == 50
+    assert make_plan(None, 2, TrainSection(max_steps=50)).left_out == 0  # not counted: max_steps ends it
+
+
+def test_a_worker_group_of_another_size_goes_on_with_the_rows_left():
+    plan = make_plan(100, 2, TrainSection(per_device_train_batch_size=2, num_train_epochs=2))  # 200 rows, 4 a step
+    assert plan.total_steps == 50
+    three = plan.for_world(3, step=10, rows_done=40)  # 160 rows left, 6 a step: 26 more steps
+    assert (three.world_size, three.step_rows, three.total_steps) == (3, 6, 36)
+    assert three.warmup_steps == plan.warmup_steps and plan.for_world(2, 10, 40) is plan
+    capped = make_plan(100, 2, TrainSection(per_device_train_batch_size=2, max_steps=30))
+    assert capped.for_world(1, 10, 40).total_steps == 30  # max_steps counts steps, whatever their size
 
 
 def test_plan_refuses_data_smaller_than_a_step():
     with pytest.raises(UserError, match="less than one step"):
         make_plan(3, 2, TrainSection(per_device_train_batch_size=4))
+    with pytest.raises(UserError, match="num_train_epochs 0.1 of 10 packed rows is less than one step"):
+        make_plan(10, 1, TrainSection(per_device_train_batch_size=4, num_train_epochs=0.1))
 
 
 def test_lr_schedules_warm_up_then_decay():

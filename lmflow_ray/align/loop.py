@@ -111,7 +111,7 @@ def train_filling_workers(stage: Recipe, train_run: Callable[..., Any], say: Cal
     try:
         return train_run(stage, say=lambda line: say("  " + line))
     except TooFewRows as short:
-        workers = stage.train.num_workers
+        workers = stage.train.max_workers
         if short.fits < 1 or short.fits >= workers:
             raise
         say(f"  the data makes a step for {short.fits} of the {workers} workers: training on {short.fits}")

@@ -21,9 +21,11 @@ def worker_resources(asked: dict[str, float] | None, use_gpu: bool) -> dict[str,
     return {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
 
 
-def group_placed(table: dict[str, dict], world: int) -> bool:
-    """A placement group of ``world`` bundles is created (Ray Train's worker group holds one)."""
-    return any(pg.get("state") == "CREATED" and len(pg.get("bundles") or {}) == world for pg in table.values())
+def group_placed(table: dict[str, dict], world: int | tuple[int, int]) -> bool:
+    """A placement group of ``world`` bundles (elastic: between min and max) is created (Ray
+    Train's worker group holds one)."""
+    low, high = world if isinstance(world, tuple) else (world, world)
+    return any(pg.get("state") == "CREATED" and low <= len(pg.get("bundles") or {}) <= high for pg in table.values())
 
 
 def _shown(resources: dict[str, float]) -> str:
@@ -46,7 +48,7 @@ class PlacementWatch:
     """Polled by the driver while fit() runs; raises UserError once the workers have gone
     unplaced for ``timeout_s``."""
 
-    def __init__(self, world: int, per_worker: dict[str, float], timeout_s: float, say: Callable[[str], None],
+    def __init__(self, world: int | tuple[int, int], per_worker: dict[str, float], timeout_s: float, say: Callable[[str], None],
                  notice_s: float = 60.0, poll_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.world, self.per_worker, self.timeout_s, self.say = world, per_worker, timeout_s, say
         self.notice_s = min(notice_s, timeout_s) if timeout_s else notice_s
@@ -66,7 +68,7 @@ class PlacementWatch:
         waited = now - self.since
         if waited < self.notice_s:
             return
-        why = shortfall(self.world, self.per_worker, (nodes or _alive_nodes)())
+        why = shortfall(self.world[0] if isinstance(self.world, tuple) else self.world, self.per_worker, (nodes or _alive_nodes)())
         if self.timeout_s and waited >= self.timeout_s:
             raise UserError(f"train: the workers could not be placed for {waited:.0f} s: {why}. Lower num_workers or "
                             "resources_per_worker, or add nodes; placement_timeout_s sets how long to wait "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from lmflow_ray.config import TrainSection
 from lmflow_ray.errors import UserError
@@ -11,17 +11,45 @@ from lmflow_ray.errors import UserError
 
 @dataclass(frozen=True)
 class Plan:
-    rows_per_rank: int
+    """A step takes ``step_rows`` rows of the run's one ordered stream (train/feed.py), every rank
+    its contiguous ``micro_batch x accumulation``; ``rows`` per epoch (0: not counted, the run
+    ends at max_steps)."""
+
+    rows: int
     world_size: int
     micro_batch: int
     accumulation: int
-    steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     scheduler: str
+    train_rows: int = 0  # rows the whole run trains on: num_train_epochs x rows (0 with max_steps)
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    @property
+    def step_rows(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.rows / self.step_rows if self.rows else 0.0
+
+    @property
+    def left_out(self) -> int:
+        """Rows of the last epoch no whole step is left for (0 with max_steps)."""
+        return self.train_rows - self.total_steps * self.step_rows if self.train_rows else 0
+
+    def epoch_at(self, rows_done: int) -> float:
+        return rows_done / self.rows if self.rows else 0.0
+
+    def for_world(self, world: int, step: int, rows_done: int) -> "Plan":
+        """The plan of a worker group of ``world`` workers that starts at ``step`` with
+        ``rows_done`` rows trained: the same rows and warmup; without max_steps, the steps
+        that the rows left make at the new size."""
+        if world == self.world_size:
+            return self
+        total = self.total_steps
+        if self.train_rows:
+            total = step + max(0, self.train_rows - rows_done) // (self.micro_batch * self.accumulation * world)
+        return replace(self, world_size=world, total_steps=total)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,22 +63,29 @@ class TooFewRows(UserError):
         self.fits = fits
 
 
-def make_plan(rows_per_rank: int, world_size: int, train: TrainSection, total_rows: int | None = None) -> Plan:
-    """A step takes ``accumulation`` full micro-batches on every rank; leftovers at an epoch's end
-    are skipped (as HF does), so every step has the same size. ``total_rows`` (before the split
-    among workers) tells a TooFewRows how many workers the data would fill."""
+def make_plan(rows: int | None, world_size: int, train: TrainSection) -> Plan:
+    """The steps for ``rows`` packed rows per epoch (None: not counted; max_steps ends the run).
+    Epochs follow each other with no gap, so only the end of the last epoch can leave rows out
+    (fewer than one step's), and the plan says how many."""
     micro, accum = train.per_device_train_batch_size, train.gradient_accumulation_steps
-    steps_per_epoch = rows_per_rank // (micro * accum)
-    if steps_per_epoch == 0:
-        total = rows_per_rank * world_size if total_rows is None else total_rows
+    step_rows = micro * accum * world_size
+    if rows is not None and rows < step_rows:
         raise TooFewRows(
-            f"train: {rows_per_rank} packed rows per worker is less than one step "
-            f"(per_device_train_batch_size {micro} x gradient_accumulation_steps {accum}); "
-            "lower them, use fewer workers or add data", fits=total // (micro * accum))
-    total = train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * steps_per_epoch)
+            f"train: {rows} packed rows make less than one step of {world_size} workers "
+            f"(per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} each); "
+            "lower them, use fewer workers or add data", fits=rows // (micro * accum))
+    if train.max_steps > 0:
+        total, train_rows = train.max_steps, 0
+    elif rows is None:
+        raise ValueError("make_plan: without max_steps the rows must be counted")
+    else:
+        train_rows = math.floor(train.num_train_epochs * rows)
+        total = train_rows // step_rows
+        if total == 0:
+            raise UserError(f"train: num_train_epochs {train.num_train_epochs} of {rows} packed rows is less than one "
+                            f"step of {step_rows} rows; train longer or on smaller steps")
     warmup = train.warmup_steps or math.ceil(train.warmup_ratio * total)
-    return Plan(rows_per_rank, world_size, micro, accum, steps_per_epoch, total, min(warmup, total),
-                train.lr_scheduler_type)
+    return Plan(rows or 0, world_size, micro, accum, total, min(warmup, total), train.lr_scheduler_type, train_rows)
 
 
 def lr_multiplier(plan: Plan, step: int) -> float:

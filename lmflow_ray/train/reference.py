@@ -108,7 +108,7 @@ def reference_table(datasets: list, recipe: Recipe, base_uri: str, run_uri: str,
     started = time.perf_counter()
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0)) if recipe.train.use_gpu is not False else 0
-    workers = max(1, min(recipe.train.num_workers, gpus or int(res.get("CPU", 1))))
+    workers = max(1, min(recipe.train.max_workers, gpus or int(res.get("CPU", 1))))
     cpus = 1.0 if gpus else max(1.0, float(int(res.get("CPU", 1)) // workers))
     batch = recipe.train.per_device_eval_batch_size or recipe.train.per_device_train_batch_size
     say(f"reference log-probs: scoring {missing:,} rows with {workers} copies of {base_uri} (once; kept in {where})")

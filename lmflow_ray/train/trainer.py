@@ -1,8 +1,10 @@
 """The driver side of `lmflow-ray train`: data -> plan -> TorchTrainer -> checkpoints in storage.
 
-The token pipeline runs as Ray tasks across the cluster before the workers start (never on a
-rank while the others wait); its rows are split once into one fixed part per worker, so the LR
-schedule knows its length and a resumed run reads exactly the batches it would have read.
+The token pipeline runs as Ray tasks across the cluster (never on a rank while the others wait).
+One small actor, the feed (train/feed.py), reads its rows in a fixed order and hands every step its
+rows by number, so a resumed run, on any number of workers, reads exactly the rows it would have
+read. The rows are counted first (the LR schedule's length) unless max_steps gives the length; then
+the first step starts as soon as the first rows are packed, while the pipeline goes on.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def check_method(recipe: Recipe, world: int) -> None:
     """Combinations of method and DeepSpeed config that cannot work, refused before a cluster starts."""
     config = deepspeed_config(recipe.train, world)
     stage, offload = zero_stage(config), offloads_optimizer(config)
+    if recipe.train.elastic and stage > 0:
+        raise UserError(f"train.num_workers: {list(recipe.train.num_workers)} (elastic) needs an optimizer state every "
+                        f"worker holds whole, to go on at another number of workers: plain DDP (leave train.deepspeed "
+                        f"empty) or zero0; {recipe.train.deepspeed!r} (ZeRO-{stage}) partitions it per worker")
     if recipe.train.use_lisa and config is not None and (stage not in (1, 2) or offload):
         raise UserError(f"train.use_lisa: LISA swaps the optimizer's blocks as it goes, which works on DDP (leave "
                         f"train.deepspeed empty) or DeepSpeed ZeRO-1/2 without offload (zero2); "
@@ -123,7 +129,7 @@ def eval_every(recipe: Recipe) -> int | None:
 def preflight(recipe: Recipe) -> None:
     """Everything about a recipe that can be refused without Ray, before a cluster starts: the method
     with its DeepSpeed config, and the datasets' types. Needs no Ray (call it before connecting)."""
-    check_method(recipe, recipe.train.num_workers)
+    check_method(recipe, recipe.train.max_workers)
     check_data(recipe)
     held = heldout_source(recipe)
     if held is not None and held[0] is not None:
@@ -148,7 +154,7 @@ def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool
     latest = complete[-1]
     saved_world, saved_stage = latest.manifest.get("world_size"), latest.manifest.get("zero_stage", 0)
     stage = zero_stage(deepspeed_config(recipe.train, world))
-    if saved_world != world and max(stage, saved_stage) > 0:
+    if saved_world != world and max(stage, saved_stage) > 0 and not recipe.train.elastic:
         raise UserError(
             f"{latest.uri}: written by {saved_world} workers with ZeRO-{saved_stage}, whose optimizer state is "
             f"partitioned per worker; resume with num_workers={saved_world}, or start over with --fresh")
@@ -161,9 +167,9 @@ def prepare(recipe: Recipe, run_uri: str, s3: S3Options, world: int, fresh: bool
     return latest
 
 
-def eval_rows(recipe: Recipe, world: int) -> Any:
-    """The held-out rows for the eval loss, materialised in a fixed order (to be split in ``world``
-    equal parts: every rank runs the same number of forward passes), or None for no eval."""
+def eval_rows(recipe: Recipe) -> Any:
+    """The held-out rows for the eval loss, materialised in a fixed order (every rank reads them all
+    and scores its share of the batches), or None for no eval."""
     held = heldout_source(recipe)
     if held is None:
         return None
@@ -171,10 +177,9 @@ def eval_rows(recipe: Recipe, world: int) -> Any:
     ds = build_dataset(recipe, path, side)
     ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
-    rows = ds.count()
-    if rows < world:
+    if ds.count() == 0:
         where = path or f"{recipe.data.validation_split_percentage}% of {recipe.data.dataset_path}"
-        raise UserError(f"eval loss: {where} gives {rows} packed rows, fewer than the {world} workers; hold out more")
+        raise UserError(f"eval loss: {where} gives no packed rows; hold out more")
     return ds
 
 
@@ -183,10 +188,51 @@ def with_model(recipe: Recipe, model_name_or_path: str) -> Recipe:
 
 
 def token_rows(recipe: Recipe) -> Any:
-    """The packed rows, materialised in the cluster's object store, in a fixed order."""
+    """The packed rows as a lazy dataset in a fixed order (nothing runs yet)."""
     ds = build_dataset(recipe)
     ds.context.execution_options.preserve_order = True
-    return ds.materialize()
+    return ds
+
+
+def spare_cpus(recipe: Recipe) -> float:
+    """The cluster's CPUs left to Ray Data beside the training workers (at their most)."""
+    import ray
+
+    per_worker = worker_resources(recipe.train.resources_per_worker, _use_gpu(recipe)).get("CPU", 0.0)
+    return ray.cluster_resources().get("CPU", 0.0) - per_worker * recipe.train.max_workers
+
+
+def feed_rows(recipe: Recipe, rows_ds: Any, say) -> tuple[Any, int | None, str]:
+    """The feed over the packed rows, the rows per epoch (None: not counted) and how it reads:
+
+    - ``streaming`` keeps no rows: it counts them first (unless max_steps), then packs them again
+      while the workers train;
+    - with max_steps and a CPU beside the workers, it packs while they train, keeping the rows;
+    - otherwise (the epochs must be counted, or every CPU goes to a worker) it packs and keeps
+      every row before the workers start, one pass.
+    """
+    import ray
+
+    from lmflow_ray.train.feed import make_feed
+
+    spare, max_steps = spare_cpus(recipe), recipe.train.max_steps > 0
+    if recipe.data.streaming:
+        if spare < 1:
+            raise UserError(f"data.streaming: the rows are packed while the workers train, which takes a CPU beside "
+                            f"them; the cluster has {spare:g} left (lower train.num_workers or the CPU in "
+                            "train.resources_per_worker, or leave data.streaming off)")
+        per_epoch = None
+        if not max_steps:
+            say("data: counting the packed rows (a pass that keeps none; max_steps skips it)")
+            per_epoch = rows_ds.count()
+        return make_feed(rows_ds, recipe.train.seed, keep=False, per_epoch=per_epoch), per_epoch, "stream"
+    feed = make_feed(rows_ds, recipe.train.seed, keep=True)
+    if max_steps and spare >= 1:
+        feed.prime.remote()  # the pipeline starts now, while the workers start
+        return feed, None, "stream"
+    if max_steps:
+        say(f"data: every CPU goes to a training worker ({spare:g} left): packing every row before they start")
+    return feed, ray.get(feed.fill.remote()), "fill"
 
 
 def failure_config(train: Any) -> Any:
@@ -246,7 +292,7 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
 
     from lmflow_ray.train.worker import train_loop
 
-    world = recipe.train.num_workers
+    world = recipe.train.max_workers
     # The base pinned to one exact URI (a run: its newest checkpoint now), so every worker, a resume
     # and the adapter's base_model_name_or_path name the same weights; data reads its tokenizer here.
     resume = prepare(recipe, run_uri, s3, world, fresh, say)
@@ -270,7 +316,7 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
 
     started = time.perf_counter()
     rows_ds = token_rows(with_model(recipe, tokens_from))
-    held_ds = eval_rows(with_model(recipe, tokens_from), world)
+    held_ds = eval_rows(with_model(recipe, tokens_from))
     if needs_reference_pass(recipe.train, recipe.model.use_lora):  # DPO without a live reference
         from lmflow_ray.train.reference import reference_table, with_reference
 
@@ -280,16 +326,22 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
                                 s3.to_dict(), say)
         rows_ds = with_reference(rows_ds, table)
         held_ds = with_reference(held_ds, table) if held_ds is not None else None
-    parts = rows_ds.split(world, equal=True)
-    held = held_ds.split(world, equal=True) if held_ds is not None else None
-    rows = parts[0].count()
-    plan = make_plan(rows, world, recipe.train, total_rows=rows_ds.count())
+    feed, per_epoch, how = feed_rows(recipe, rows_ds, say)
+    plan = make_plan(per_epoch, world, recipe.train)
     width = recipe.data.block_size * (2 if recipe.train.objective != "sft" else 1)  # a pair row holds two sides
-    say(f"data: {rows * world:,} packed rows of up to {width} tokens, {rows:,} per worker "
-        f"({time.perf_counter() - started:.1f}s); {plan.total_steps} steps of "
-        f"{plan.micro_batch}x{plan.accumulation}x{world} rows, {plan.steps_per_epoch} per epoch")
-    if held is not None:
-        say(f"eval: {held[0].count() * world:,} held-out rows, eval loss every {eval_every(recipe)} steps and at the end")
+    size = f"{plan.micro_batch}x{plan.accumulation}x{world} rows" + (
+        f" (from {recipe.train.min_workers} to {world} workers: a step takes "
+        f"{plan.micro_batch}x{plan.accumulation} rows per worker)" if recipe.train.elastic else "")
+    if per_epoch is None:
+        say(f"data: packed rows of up to {width} tokens stream into the workers as they are made; "
+            f"{plan.total_steps} steps (max_steps) of {size}")
+    else:
+        say(f"data: {per_epoch:,} packed rows of up to {width} tokens per epoch "
+            f"({time.perf_counter() - started:.1f}s{', streamed again each epoch' if how == 'stream' else ''}); "
+            f"{plan.total_steps} steps of {size}, {plan.steps_per_epoch:.4g} per epoch" +
+            (f"; the last {plan.left_out} rows of the last epoch make no whole step and are left out" if plan.left_out else ""))
+    if held_ds is not None:
+        say(f"eval: {held_ds.count():,} held-out rows, eval loss every {eval_every(recipe)} steps and at the end")
     if resume and resume.step >= plan.total_steps:
         say(f"nothing to do: the run already reached step {resume.step} of {plan.total_steps}")
 
@@ -300,18 +352,17 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
         train_loop,
         # Python values, not JSON: credentials stay Secrets, which travel (and show) as references.
         train_loop_config={"recipe": recipe.model_dump(), "plan": plan.to_dict(), "run_uri": run_uri,
-                           "s3": s3.to_dict(), "board": board, "eval_every": eval_every(recipe)},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=_use_gpu(recipe),
+                           "s3": s3.to_dict(), "board": board, "eval_every": eval_every(recipe), "feed": feed},
+        scaling_config=ScalingConfig(num_workers=recipe.train.num_workers, use_gpu=_use_gpu(recipe),
                                      resources_per_worker=recipe.train.resources_per_worker),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.storage.save_total_limit),
             failure_config=failure_config(recipe.train)),
-        datasets={**{f"train_{rank}": part for rank, part in enumerate(parts)},
-                  **{f"eval_{rank}": part for rank, part in enumerate(held or [])}},
+        datasets={"eval": held_ds} if held_ds is not None else {},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    watch = PlacementWatch(world, worker_resources(recipe.train.resources_per_worker, _use_gpu(recipe)),
+    watch = PlacementWatch((recipe.train.min_workers, world), worker_resources(recipe.train.resources_per_worker, _use_gpu(recipe)),
                            recipe.train.placement_timeout_s, say)
     result = _fit_with_progress(trainer, board, plan, resume.step if resume else 0, progress, watch)
     if result.error is not None:

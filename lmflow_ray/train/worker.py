@@ -1,7 +1,8 @@
 """The loop every Ray Train worker runs: load, restore, step, report, checkpoint. Read it top to bottom.
 
-Each worker reads its own fixed part of the packed token rows (``train_<rank>``), so a resumed or
-restarted run sees exactly the batches it would have seen.
+Every step takes the next rows of the run's one ordered stream of packed rows (train/feed.py), each
+rank its own contiguous part; the rows trained so far are kept with every checkpoint, so a resumed
+or restarted run, on any number of workers, goes on with exactly the rows after them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from lmflow_ray.model.adapters import apply_lora
 from lmflow_ray.model.load import ROPE_MARK, load_model, matmul_parameters, parameter_counts
 from lmflow_ray.model.locate import model_folder
 from lmflow_ray.train.deepspeed import deepspeed_config
+from lmflow_ray.train.feed import rank_steps
 from lmflow_ray.model.lisa import Lisa
 from lmflow_ray.train.objectives import Objective, make_objective
 from lmflow_ray.train.observe import (BlockWatch, MemoryPeak, Meter, TensorBoard, flops_per_token, hardware_peak,
@@ -65,6 +67,11 @@ def train_loop(config: dict[str, Any]) -> None:
     # had not yet registered it (ray.train.get_checkpoint() would miss that one).
     latest = storage.latest_checkpoint(run_uri, s3, say=print)  # complete by its manifest; unreadable raises
     start = latest.step if latest is not None else 0
+    # The plan at this worker group's size (elastic: it may differ from the last group's), from the
+    # rows trained so far; older checkpoints did not keep them: their steps were all of one size.
+    rows_done = 0 if latest is None else int(latest.manifest.get(
+        "rows", start * plan.micro_batch * plan.accumulation * latest.manifest.get("world_size", world)))
+    plan = plan.for_world(world, start, rows_done)
 
     # LISA: the blocks the checkpoint's optimizer state belongs to (those of its last step).
     lisa = None
@@ -82,7 +89,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                recipe.train.max_grad_norm, recipe.train.bf16, lisa=lisa)
     objective.attach(strategy.module)
 
-    state = {"step": 0, "log_history": [], "resumed_at": []}
+    state = {"step": 0, "rows": 0, "log_history": [], "resumed_at": []}
     if latest is None:
         seed_everything(recipe.train.seed + rank)
     else:
@@ -90,6 +97,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as folder:
             storage.verify_local(folder, latest.manifest, latest.uri)  # before any (pickled) file is loaded
             state = restore(folder, strategy, rank)  # also each rank's RNG (dropout) as it was
+        state["rows"] = rows_done
     # Where this worker group runs, from each worker's own context: one entry per start or restart.
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
@@ -106,14 +114,13 @@ def train_loop(config: dict[str, Any]) -> None:
     watch = BlockWatch(lisa) if lisa is not None else None
     # Without packing, LMFlow's layout: every row padded to block_size (a pair row holds two sides).
     pad_to = None if recipe.data.packing else recipe.data.block_size * (2 if objective.paired else 1)
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
     eval_every = config.get("eval_every")
-    held = ray.train.get_dataset_shard(f"eval_{rank}") if eval_every else None
+    held = ray.train.get_dataset_shard("eval") if eval_every else None
     eval_batch = recipe.train.per_device_eval_batch_size or recipe.train.per_device_train_batch_size
     strategy.module.train()
 
     # The loop.
-    for step, micro_batches in steps(shard, plan, state["step"], recipe.train.seed):
+    for step, micro_batches, rows in rank_steps(config["feed"], plan, state["step"], state["rows"], rank):
         if lisa is not None and (layers := lisa.schedule.layers_at(step)) != lisa.active:
             strategy.switch(layers)
         for batch in micro_batches:
@@ -126,7 +133,7 @@ def train_loop(config: dict[str, Any]) -> None:
                       real * flops_per_token(n_matmul, recipe.model.use_lora, cfg.num_hidden_layers, cfg.hidden_size, width))
         grad_norm = strategy.finish_step()
         meter.steps += 1
-        state["step"] = step + 1
+        state["step"], state["rows"] = step + 1, rows
         done = state["step"] == plan.total_steps
         if board is not None and rank == 0:
             board.update.remote({"step": state["step"]})
@@ -135,10 +142,11 @@ def train_loop(config: dict[str, Any]) -> None:
         if state["step"] % recipe.train.logging_steps and state["step"] % recipe.train.save_steps and not done \
                 and not evaluate_now:
             continue
-        metrics = gather_metrics(meter, objective, plan, state["step"], strategy.lr(), grad_norm, peak, world,
+        metrics = gather_metrics(meter, objective, plan, state, strategy.lr(), grad_norm, peak, world,
                                  memory.take(), strategy.optimizer_bytes())
         if evaluate_now:  # after the step metrics are taken: eval time is not counted as training time
-            metrics.update(eval_metrics(strategy, objective, held, eval_batch, tokenizer.pad_token_id, pad_to, device))
+            metrics.update(eval_metrics(strategy, objective, held, eval_batch, tokenizer.pad_token_id, pad_to, device,
+                                        rank, world))
         if watch is not None:
             metrics.update(lisa_metrics(watch, strategy, lisa, world))
         state["log_history"].append(metrics)
@@ -172,34 +180,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def steps(shard: Any, plan: Plan, start: int, seed: int) -> Iterator[tuple[int, list[dict]]]:
-    """(step, its micro-batches) from ``start`` on. Epoch e reads this rank's rows in a fixed order
-    shuffled with seed + e, so a resumed run skips exactly the micro-batches already used."""
-    step = start
-    while step < plan.total_steps:
-        epoch, within = plan.epoch_of(step), step % plan.steps_per_epoch
-        batches = shard.iter_batches(batch_size=plan.micro_batch, drop_last=True, batch_format="numpy",
-                                     local_shuffle_buffer_size=max(64, plan.micro_batch), local_shuffle_seed=seed + epoch)
-        batches = iter(batches)
-        for _ in range(within * plan.accumulation):
-            next(batches)
-        for _ in range(within, plan.steps_per_epoch):
-            if step >= plan.total_steps:
-                return
-            yield step, [next(batches) for _ in range(plan.accumulation)]
-            step += 1
-
-
 def eval_metrics(strategy, objective: Objective, shard: Any, batch_size: int, pad_id: int, pad_to: int | None,
-                 device: Any) -> dict[str, float]:
-    """The objective's metrics over this run's held-out rows (every rank its equal part, summed over
-    ranks), in eval mode without gradients; the model is back in train mode after."""
+                 device: Any, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """The objective's metrics over every held-out row (rank r takes batches r, r + world, ...,
+    summed over ranks), in eval mode without gradients; the model is back in train mode after.
+    Every rank runs as many forward passes (a rank one batch short repeats one and counts nothing
+    from it): DDP and ZeRO-3 forwards talk to every rank."""
     strategy.module.eval()
     sums: dict[str, float] = {}
+    batches = list(shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    mine = batches[rank::world]
+    passes = -(-len(batches) // world)
     try:
         with torch.no_grad():
-            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for i in range(passes):
+                batch = mine[i] if i < len(mine) else batches[0]
                 _, tally = objective.loss(strategy.model, to_device(objective.collate(batch, pad_id, pad_to), device))
+                if i >= len(mine):
+                    continue  # a repeat for the forward count only
                 for key, value in tally.items():
                     sums[key] = sums.get(key, 0.0) + value
     finally:
@@ -219,7 +217,7 @@ def to_device(arrays: dict[str, np.ndarray], device: Any) -> dict[str, torch.Ten
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
-def gather_metrics(meter: Meter, objective: Objective, plan: Plan, step: int, lr: float, grad_norm: float,
+def gather_metrics(meter: Meter, objective: Objective, plan: Plan, state: dict, lr: float, grad_norm: float,
                    peak: float, world: int, memory: float, optimizer_bytes: float) -> dict[str, float]:
     """Sums over every rank: the objective's sums (its loss per trained token or per pair), tokens
     and FLOPs since the last logging step; the highest worker's memory peak and optimizer state;
@@ -232,8 +230,8 @@ def gather_metrics(meter: Meter, objective: Objective, plan: Plan, step: int, lr
         torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
     tokens, trained, flops = totals["tokens"], totals["trained"], totals["flops"]
     return {
-        "step": step,
-        "epoch": round(step / plan.steps_per_epoch, 4),
+        "step": state["step"],
+        "epoch": round(plan.epoch_at(state["rows"]), 4),
         **objective.metrics(totals),  # loss: per trained token (SFT) or per pair, over every rank and micro-batch
         "learning_rate": lr,
         "grad_norm": grad_norm,
@@ -279,7 +277,7 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
         if rank == 0:
             export(strategy.module, weights, tokenizer, os.path.join(folder, storage.EXPORT_DIR))
             with open(os.path.join(folder, "trainer_state.json"), "w") as f:
-                json.dump({"step": step, "epoch": step / plan.steps_per_epoch, "world_size": world,
+                json.dump({"step": step, "rows": state["rows"], "epoch": plan.epoch_at(state["rows"]), "world_size": world,
                            "lisa_layers": list(strategy.lisa.active) if strategy.lisa is not None else None,
                            "plan": plan.to_dict(), "log_history": state["log_history"],
                            "resumed_at": state["resumed_at"], "worker_groups": state["worker_groups"]}, f, indent=1)
@@ -293,7 +291,8 @@ def save_checkpoint(strategy, tokenizer, recipe: Recipe, plan: Plan, state: dict
         if rank == 0:
             files = {k: v for part in everyone for k, v in part.items()}
             storage.write_manifest(folder, files, {
-                "step": step, "world_size": world, "strategy": strategy.name, "zero_stage": strategy.stage,
+                "step": step, "rows": state["rows"], "world_size": world, "strategy": strategy.name,
+                "zero_stage": strategy.stage,
                 "method": recipe.method, "objective": recipe.train.objective,
                 "base_model": recipe.model.model_name_or_path,
                 "export": storage.EXPORT_DIR, "quantized_layers": quantized_layers(strategy.module)})
