@@ -157,5 +157,7 @@ def test_a_node_killed_mid_run_and_the_elastic_run_finishes_on_the_nodes_left(cl
     assert all(killed["node_id"] not in g["worker_nodes"] and g["world_size"] == 2 for g in later)
     steps = [h["step"] for h in state["log_history"]]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # one entry per step: none trained twice
+    print("worker groups:", json.dumps(state["worker_groups"]), "killed:", killed["name"], "after step", killed["at"])
+    print("steps and losses:", [(h["step"], h["rows"], round(h["loss"], 4)) for h in state["log_history"]])
     resumed = later[0]["from_step"]  # (a later restart, if any, also on 2 workers)
     assert state["rows"] == resumed * 6 + (30 - resumed) * 4  # every step took the rows after the last

@@ -195,6 +195,8 @@ class TensorBoard:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
+            if key == "wall_time":  # the events carry their own
+                continue
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 group, name = ("eval", key.removeprefix("eval_")) if key.startswith("eval_") else ("train", key)
                 self.writer.add_scalar(f"{group}/{name}", value, step)

@@ -322,6 +322,8 @@ def _run(recipe: Recipe, run_name: str, run_uri: str, s3: S3Options, fresh: bool
 
         ref = recipe.train.reference_model_name_or_path
         ref_uri = exact_uri(ref, s3.to_dict(), "train.reference_model_name_or_path") if ref else base
+        # The rows packed first: the scorers hold the CPUs the packing tasks would need.
+        rows_ds = rows_ds.materialize()
         table = reference_table([d for d in (rows_ds, held_ds) if d is not None], recipe, ref_uri, run_uri,
                                 s3.to_dict(), say)
         rows_ds = with_reference(rows_ds, table)

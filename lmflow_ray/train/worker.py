@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,8 @@ def gather_metrics(meter: Meter, objective: Objective, plan: Plan, state: dict, 
     return {
         "step": state["step"],
         "epoch": round(plan.epoch_at(state["rows"]), 4),
+        "rows": state["rows"],  # rows of the run's stream trained so far (train/feed.py)
+        "wall_time": time.time(),  # when the step was logged (unix seconds, as TensorBoard's events)
         **objective.metrics(totals),  # loss: per trained token (SFT) or per pair, over every rank and micro-batch
         "learning_rate": lr,
         "grad_norm": grad_norm,
