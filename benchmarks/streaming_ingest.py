@@ -2,7 +2,7 @@
 set 20x the shipped one (40,000 support e-mails), training the embedded SmolLM2-135M-Instruct with
 LoRA on one Ray Train worker of a 2-CPU local cluster.
 
-    .venv/bin/python benchmarks/streaming_ingest.py [--scale 20] [--steps 12] [--out benchmarks/results/streaming_ingest.json]
+    .venv/bin/python benchmarks/streaming_ingest.py [--scale 20] [--steps 6] [--repeats 2] [--out benchmarks/results/streaming_ingest.json]
 
 Three ways, the same steps in the same row order (each run twice, the second round reported):
 - ``pack first``: every row packed (and kept in the object store) before the workers start:
