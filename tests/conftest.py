@@ -34,7 +34,7 @@ TEST_SECONDS = {
     "test_two_workers_on_two_nodes_checkpoint_to_s3_and_export_what_one_node_gives": 60,
     "test_eval_scorers_spread_over_nodes": 20,
     "test_two_replicas_on_two_nodes_answer_through_one_address": 25,
-    "test_a_node_killed_mid_run_and_the_run_finishes_on_the_nodes_left": 85,
+    "test_a_node_killed_mid_run_and_the_elastic_run_finishes_on_the_nodes_left": 110,
     "test_workers_the_cluster_cannot_place_stop_the_run_with_what_is_missing": 45,
     "test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling": 135,
     "test_readme_command_runs_as_written": 20,
