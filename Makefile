@@ -28,7 +28,7 @@ export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install model ops vllm vllm-check browser demo demo-align demo-online test clean
+.PHONY: install model ops vllm vllm-check llamacpp browser demo demo-align demo-online test clean
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,17 @@ $(VENV)/.vllm: $(VENV)/.installed
 vllm-check: vllm
 	$(BIN)/python -c "from vllm import LLM"
 
+# llama.cpp for GGUF files: npm's node-llama-cpp with its prebuilt CPU binary (no compile), in
+# .venv/llamacpp. On Linux x86-64 only that binary is fetched (the CUDA and Vulkan builds are not).
+LLAMACPP_NPM := -E node-llama-cpp@3.21.1 $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),@node-llama-cpp/linux-x64@3.21.1 --omit=optional)
+llamacpp: $(VENV)/llamacpp/.installed
+
+$(VENV)/llamacpp/.installed: | $(VENV)/.installed
+	mkdir -p $(VENV)/llamacpp
+	echo '{"private": true}' > $(VENV)/llamacpp/package.json
+	cd $(VENV)/llamacpp && npm install --no-audit --no-fund --loglevel=error $(LLAMACPP_NPM)
+	touch $@
+
 # Headless Debian chromium + its driver for the web page test (apt; root or sudo).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
@@ -84,7 +95,7 @@ demo-online: model ops
 # vLLM's packages are in: its clean-up removes modules that transformers looks for as it imports.
 test: install
 	$(MAKE) --no-print-directory vllm
-	$(MAKE) --no-print-directory -j4 model ops vllm-check browser
+	$(MAKE) --no-print-directory -j4 model ops vllm-check llamacpp browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=40
 
 clean:

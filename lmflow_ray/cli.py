@@ -1,6 +1,6 @@
 """`lmflow-ray <verb> [RECIPE.yaml] [key=value | --key value ...]`.
 
-Verbs so far: train, eval, merge, serve, chat, demo, data (validate / preview / stats), model (prepare-default),
+Verbs so far: train, eval, merge, export, serve, chat, demo, data (validate / preview / stats), model (prepare-default),
 vocab (extend), recipe
 (show the merged recipe). Bad input prints one line per problem and exits with 2, never a traceback.
 """
@@ -250,6 +250,21 @@ def cmd_merge(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.config import StorageSection
+    from lmflow_ray.model.export import export_gguf
+    from lmflow_ray.storage import S3Options
+
+    if extras:
+        raise UserError(f"export: unexpected arguments {' '.join(extras)}")
+    s3 = S3Options.resolve(StorageSection(endpoint_url=args.endpoint_url))
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    done = export_gguf(args.model_name_or_path, args.output_model_path, args.outtype, s3=s3.to_dict(), say=say)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(done.tensors.items()))
+    print(f"GGUF ({done.architecture}, {done.outtype}: {kinds}; {done.bytes / 2**20:.1f} MiB) written to {done.path}")
+    return 0
+
+
 def cmd_vocab_extend(args: argparse.Namespace, extras: list[str]) -> int:
     from lmflow_ray.config import StorageSection
     from lmflow_ray.model.vocab import extend_vocabulary, read_texts
@@ -362,6 +377,9 @@ def cmd_eval(args: argparse.Namespace, extras: list[str]) -> int:
     key = args.api_key or recipe.serve.api_key or os.environ.get("LMFLOW_RAY_API_KEY")
     result = evaluate(recipe, model_name=args.model, api_key=key, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(markdown(result), end="")
+    first = next((r for r in result.predictions if "prediction" in r), None)
+    if first is not None:
+        print(f"first answer: {first['prediction']!r}   reference: {first.get('reference')!r}")
     print(f"results:      {result.output}  (results.json, results.md, benchmark.log, predictions.jsonl)")
     return 0
 
@@ -433,6 +451,16 @@ def cmd_chat(args: argparse.Namespace, extras: list[str]) -> int:
     options = {"max_tokens": args.max_new_tokens or recipe.serve.max_new_tokens, "temperature": args.temperature}
     if args.end_string:
         options["stop"] = [args.end_string]
+    if args.gguf:
+        if target or args.url:
+            raise UserError("chat: give a RECIPE (a local model), --url (a running server) or --gguf (llama.cpp), one of them")
+        from lmflow_ray.serve.chat import gguf_replies
+
+        reply, close = gguf_replies(args.gguf)
+        try:
+            return run_chat(reply, options, system=args.system)
+        finally:
+            close()
     if args.url:
         if target:
             raise UserError("chat: give a RECIPE (a local model) or --url (a running server), not both")
@@ -494,6 +522,16 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     m.set_defaults(func=cmd_merge)
 
+    x = verbs.add_parser("export", help="a model, run or checkpoint -> one GGUF file for llama.cpp", allow_abbrev=False)
+    x.add_argument("--format", choices=["gguf"], default="gguf", help="gguf (llama.cpp), the one format so far")
+    x.add_argument("--model_name_or_path", required=True,
+                   help="model folder, run or checkpoint (local or s3://) or default; a LoRA adapter is merged first")
+    x.add_argument("--output_model_path", required=True, help="the .gguf file to write (local or s3://)")
+    x.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"], default="f16",
+                   help="tensor type of the matrices (default f16); norms stay f32")
+    x.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    x.set_defaults(func=cmd_export)
+
     vocab = verbs.add_parser("vocab", help="tokenizer vocabulary", allow_abbrev=False)
     vocab_verbs = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
     ve = vocab_verbs.add_parser("extend", help="learn new BPE tokens from text, add them to a model's tokenizer "
@@ -537,6 +575,7 @@ def _parser() -> argparse.ArgumentParser:
     c = verbs.add_parser("chat", help="terminal chat: [RECIPE] for a local model, or --url for a server", allow_abbrev=False)
     c.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000")
     c.add_argument("--model", default=None, help="served model name (default: the first listed)")
+    c.add_argument("--gguf", default=None, help="a GGUF file (lmflow-ray export) to chat with in llama.cpp (make llamacpp)")
     c.add_argument("--api_key", default=None, help="Bearer key (default: LMFLOW_RAY_API_KEY)")
     c.add_argument("--system", default=None, help="a system prompt")
     c.add_argument("--max_new_tokens", type=int, default=None, help="tokens per reply (default: serve.max_new_tokens)")

@@ -407,6 +407,15 @@ def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options | dict | None =
     return _copy_tree(pafs.LocalFileSystem(), os.path.abspath(local_dir), fs, path, os.fspath(local_dir))
 
 
+def upload_file(local_file: str | os.PathLike, uri: str, s3: S3Options | dict | None = None) -> None:
+    """Copy one local file to ``uri`` (any filesystem), streamed."""
+    fs, path = filesystem(uri, s3)
+    parent = posixpath.dirname(path)
+    if parent:
+        retrying(uri, lambda: fs.create_dir(parent, recursive=True))
+    retrying(uri, lambda: _copy_file(pafs.LocalFileSystem(), os.path.abspath(local_file), fs, path))
+
+
 def copy(source: str, target: str, s3: S3Options | dict | None = None) -> None:
     """Copy a folder between any two URIs (local or remote), without a local stop in between."""
     src_fs, src = filesystem(source, s3)

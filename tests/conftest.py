@@ -38,6 +38,8 @@ TEST_SECONDS = {
     "test_workers_the_cluster_cannot_place_stop_the_run_with_what_is_missing": 45,
     "test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling": 135,
     "test_readme_command_runs_as_written": 20,
+    "test_the_embedded_model_as_gguf_answers_held_out_emails_as_in_transformers_and_in_llama_cpp": 80,
+    "test_every_outtype_reads_back_and_reloads_in_transformers_as_the_source": 30,
     "test_lora_zero2_on_s3_resumes_exports_and_merges": 107,
     "test_full_zero3_offload_checkpoints_and_resumes": 92,
     "test_a_served_endpoint_gives_the_same_answers_as_the_folder": 83,
@@ -141,8 +143,8 @@ def repo_python():
     """Run `python ARGS...` from the repository root, as a user would; returns the CompletedProcess."""
     import subprocess
 
-    def run(*args, timeout=600, env=None):
-        return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+    def run(*args, timeout=600, env=None, input=None):
+        return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, input=input,
                               timeout=timeout, env={**os.environ, **(env or {})})
 
     return run

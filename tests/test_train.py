@@ -42,6 +42,26 @@ def _tied_copy(model_dir, out):
     return out
 
 
+def _gguf_of_the_run(repo_python, s3_server, run_uri, s3, model, ids, tmp_path):
+    """The LoRA run (on S3) exported to one GGUF file on S3: merged first, tied head left to the
+    embedding, and the same logits when transformers reads the file back."""
+    from transformers import AutoModelForCausalLM
+
+    target = "s3://lmflow-train/exports/lora-run.f32.gguf"
+    proc = repo_python("-m", "lmflow_ray", "export", "--format", "gguf", "--model_name_or_path", run_uri,
+                       "--outtype", "f32", "--output_model_path", target, env=s3_server.env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "merging its adapter into s3://lmflow-train/bases/tied" in proc.stderr
+    assert f"written to {target}" in proc.stdout
+    fs, path = filesystem(target, s3)
+    (tmp_path / "gguf").mkdir()
+    with fs.open_input_stream(path) as f:
+        (tmp_path / "gguf" / "run.gguf").write_bytes(f.read())
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="run.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_model_dir, orders, tmp_path, repo_python):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -97,6 +117,7 @@ def test_lora_zero2_on_s3_resumes_exports_and_merges(ray_local, s3_server, tiny_
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+    _gguf_of_the_run(repo_python, s3_server, second.run_uri, s3, model, ids, tmp_path)
 
 
 def test_full_zero3_offload_checkpoints_and_resumes(ray_local, s3_server, tiny_model_dir, orders, tmp_path):

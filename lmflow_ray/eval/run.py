@@ -95,23 +95,46 @@ def check_request(recipe: Recipe, kind: str, endpoint: bool) -> None:
     wanted = set(recipe.eval.metric)
     if kind == "paired_conversation" and endpoint:
         raise UserError("eval: a paired_conversation dataset is scored by a reward model's pairwise accuracy; a server "
-                        "returns text, not rewards: evaluate the reward model's run or folder instead")
+                        "(or a GGUF file) returns text, not rewards: evaluate the reward model's run or folder instead")
     if kind == "text_only" and "acc" in wanted:
         raise UserError("eval.metric acc: a text_only dataset has no answers to check; use metric=nll or metric=ppl")
     if endpoint and not wanted - {"nll", "ppl"}:
-        raise UserError("eval.metric nll/ppl: a server returns text, not token probabilities; "
-                        "evaluate the model folder or checkpoint instead, or use metric=acc")
+        raise UserError("eval.metric nll/ppl: a server (or a GGUF file in llama.cpp) returns text here, not token "
+                        "probabilities; evaluate the model folder or checkpoint instead, or use metric=acc")
 
 
 def preflight(recipe: Recipe) -> None:
     """The checks that need no cluster: the dataset opens, its type suits the metrics and the
     model source, and the model is where the recipe says."""
-    check_request(recipe, open_eval_dataset(recipe).kind, endpoint=bool(recipe.eval.server_url))
+    check_request(recipe, open_eval_dataset(recipe).kind,
+                  endpoint=bool(recipe.eval.server_url) or is_gguf(recipe.model.model_name_or_path))
     s3 = storage.S3Options.resolve(recipe.storage)
     if recipe.eval.eval_output_dir:
         storage.check_output(recipe.eval.eval_output_dir, EVAL_OUTPUT, s3)
-    if not recipe.eval.server_url:
+    if is_gguf(recipe.model.model_name_or_path):
+        gguf_source(recipe)
+    elif not recipe.eval.server_url:
         exact_uri(recipe.model.model_name_or_path, s3.to_dict(), "model.model_name_or_path")
+
+
+def is_gguf(name: str) -> bool:
+    return str(name).endswith(".gguf")
+
+
+def gguf_source(recipe: Recipe) -> str:
+    """The local GGUF file the recipe names, checked: llama.cpp reads a file, and must be installed."""
+    from lmflow_ray.model.llamacpp import available
+
+    name = recipe.model.model_name_or_path
+    if storage.is_remote(name):
+        raise UserError(f"model.model_name_or_path: {name}: llama.cpp reads a GGUF file from a local path (or a folder "
+                        "every node mounts); copy it there first")
+    if not os.path.isfile(name):
+        raise UserError(f"model.model_name_or_path: {name} is not a file here")
+    if not available():
+        raise UserError("model.model_name_or_path: a GGUF file is scored in llama.cpp, which is not installed here: "
+                        "run `make llamacpp`")
+    return os.path.abspath(name)
 
 
 def options_for(recipe: Recipe, kind: str, instance: dict[str, Any], index: int) -> list[str]:
@@ -237,6 +260,28 @@ class EndpointScorer:
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             answers = list(pool.map(self._ask, list(batch["request"])))
+        return {"index": [int(i) for i in batch["index"]], "prediction": answers}
+
+
+class GgufScorer:
+    """A Ray Data actor: a GGUF file in llama.cpp (greedy), the requests rendered with the file's own
+    chat template, one after another."""
+
+    def __init__(self, gguf: str, threads: int, max_new_tokens: int, context: int):
+        from lmflow_ray.model.llamacpp import LlamaCpp, gguf_tokenizer
+
+        self.tokenizer = gguf_tokenizer(gguf)
+        self.model = LlamaCpp(gguf, threads=threads, context=context)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from lmflow_ray.model.llamacpp import render
+
+        answers = []
+        for request_json in batch["request"]:
+            request = json.loads(request_json)
+            prompt = render(self.tokenizer, request["messages"]) if "messages" in request else request["prompt"]
+            answers.append(self.model.generate(prompt, self.max_new_tokens)[0].strip())
         return {"index": [int(i) for i in batch["index"]], "prediction": answers}
 
 
@@ -400,31 +445,47 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | st
     url = section.server_url
     s3 = storage.S3Options.resolve(recipe.storage).to_dict()
     started = time.time()
-    if url:
+    if url or is_gguf(recipe.model.model_name_or_path):
         import openai
 
-        name = model_name or recipe.serve.served_model_name
-        api_key = secret(api_key)  # the scoring actors get it as a reference, not in Ray Data's plan
-        client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=reveal(api_key) or "none", max_retries=2, timeout=30)
-        try:
-            served = [m.id for m in client.models.list().data]
-        except openai.APIError as err:
-            raise UserError(f"eval.server_url: {url} did not list its models ({type(err).__name__}: {err})") from None
-        name = name or served[0]
-        if name not in served:
-            raise UserError(f"--model {name!r}: {url} serves {', '.join(served)}")
-        shown = f"{name} at {url}"
+        if url:
+            name = model_name or recipe.serve.served_model_name
+            api_key = secret(api_key)  # the scoring actors get it as a reference, not in Ray Data's plan
+            client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=reveal(api_key) or "none", max_retries=2,
+                                   timeout=30)
+            try:
+                served = [m.id for m in client.models.list().data]
+            except openai.APIError as err:
+                raise UserError(f"eval.server_url: {url} did not list its models ({type(err).__name__}: {err})") from None
+            name = name or served[0]
+            if name not in served:
+                raise UserError(f"--model {name!r}: {url} serves {', '.join(served)}")
+            shown = f"{name} at {url}"
+        else:
+            gguf = gguf_source(recipe)
+            name = os.path.basename(gguf)[: -len(".gguf")]
+            shown = f"{os.path.basename(gguf)} in llama.cpp"
         source = open_eval_dataset(recipe)
         kind = source.kind
         check_request(recipe, kind, endpoint=True)
         instances = read_instances(recipe, source)
         if set(section.metric) & {"nll", "ppl"}:
-            say("eval: nll/ppl left out: a server returns text, not token probabilities (evaluate the checkpoint for them)")
+            say(f"eval: nll/ppl left out: {'a server' if url else 'llama.cpp'} returns text here, not token probabilities "
+                "(evaluate the checkpoint for them)")
         rows = request_rows(recipe, kind, instances)
-        workers, stage = 1, EndpointScorer
-        stage_args = dict(url=url, model=name, api_key=api_key, max_new_tokens=recipe.serve.max_new_tokens,
-                          concurrency=section.inference_batch_size_per_device)
-        resources: dict[str, Any] = dict(num_cpus=0)
+        if url:
+            workers, stage = 1, EndpointScorer
+            stage_args = dict(url=url, model=name, api_key=api_key, max_new_tokens=recipe.serve.max_new_tokens,
+                              concurrency=section.inference_batch_size_per_device)
+            resources: dict[str, Any] = dict(num_cpus=0)
+        else:
+            workers, cpus, _ = workers_for(recipe)
+            workers = min(workers, max(1, math.ceil(len(rows) / section.inference_batch_size_per_device)))
+            check_shared({"model.model_name_or_path": gguf})
+            stage = GgufScorer
+            stage_args = dict(gguf=gguf, threads=max(1, int(cpus) - 1), max_new_tokens=recipe.serve.max_new_tokens,
+                              context=max(recipe.data.block_size, 2048))
+            resources = dict(num_cpus=cpus)
     else:
         source = recipe.model.model_name_or_path
         uri = exact_uri(source, s3, "model.model_name_or_path")

@@ -73,6 +73,28 @@ def local_replies(recipe: Recipe) -> tuple[Callable[[list[dict], dict], Iterator
     return reply, close
 
 
+def gguf_replies(gguf: str) -> tuple[Callable[[list[dict], dict], Iterator[str]], Callable[[], None]]:
+    """The same function over a GGUF file in llama.cpp (greedy; the file's own chat template)."""
+    from lmflow_ray.model.llamacpp import LlamaCpp, gguf_tokenizer, render
+
+    tokenizer = gguf_tokenizer(gguf)
+    model = LlamaCpp(gguf)
+
+    def reply(messages: list[dict], options: dict) -> Iterator[str]:
+        if options["temperature"] > 0:
+            raise UserError("chat --gguf decodes greedily; leave --temperature at 0")
+        stops = options.get("stop") or []
+        if not stops:
+            yield from model.stream(render(tokenizer, messages), options["max_tokens"])
+            return
+        text = "".join(model.stream(render(tokenizer, messages), options["max_tokens"]))
+        for stop in stops:
+            text = text.split(stop, 1)[0]
+        yield text
+
+    return reply, model.close
+
+
 def run_chat(reply: Callable[[list[dict], dict], Iterator[str]], options: dict, system: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     interactive = stdin.isatty()
