@@ -37,7 +37,7 @@ TEST_SECONDS = {
     "test_a_node_killed_mid_run_and_the_elastic_run_finishes_on_the_nodes_left": 110,
     "test_workers_the_cluster_cannot_place_stop_the_run_with_what_is_missing": 45,
     "test_lisa_on_deepspeed_zero2_resumes_mid_interval_with_the_same_sampling": 135,
-    "test_readme_command_runs_as_written": 20,
+    "test_readme_commands_run_as_written_in_order": 360,
     "test_the_embedded_model_as_gguf_answers_held_out_emails_as_in_transformers_and_in_llama_cpp": 80,
     "test_every_outtype_reads_back_and_reloads_in_transformers_as_the_source": 30,
     "test_lora_zero2_on_s3_resumes_exports_and_merges": 107,
