@@ -28,12 +28,12 @@ from lmflow_ray.data.formats import check_instance  # noqa: E402
 from lmflow_ray.data.pipeline import Spec, plan, process, to_ray  # noqa: E402
 
 
-def make_rows(n: int, path: Path) -> None:
-    """n support e-mails with their answers (the demo task's generator, another seed)."""
+def make_rows(n: int, path: Path, seed: int = 7) -> None:
+    """n support e-mails with their answers (the demo task's generator, another seed), one JSON a line."""
     spec = importlib.util.spec_from_file_location("gen", REPO / "jobs" / "data" / "make_support_orders.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    rng = random.Random(7)
+    rng = random.Random(seed)
     with path.open("w") as f:
         for _ in range(n):
             text, answer = gen.email(rng)

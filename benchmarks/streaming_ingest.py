@@ -21,11 +21,9 @@ the steps after the first two.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import random
 import re
 import statistics
 import sys
@@ -41,19 +39,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from lmflow_ray.config import load_recipe  # noqa: E402
 from lmflow_ray.storage import latest_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from data_pipeline import make_rows  # noqa: E402
+
 WAYS = ("pack first", "stream (max_steps)", "data.streaming")
-
-
-def make_set(n: int, path: Path) -> None:
-    """n support e-mails with their answers (the demo task's generator, another seed)."""
-    spec = importlib.util.spec_from_file_location("gen", REPO / "jobs" / "data" / "make_support_orders.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    rng = random.Random(11)
-    with path.open("w") as f:
-        for _ in range(n):
-            text, answer = gen.email(rng)
-            f.write(json.dumps(gen.instance(text, answer)) + "\n")
 
 
 class StorePeak:
@@ -125,7 +114,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     data = work / "emails.jsonl"
-    make_set(2000 * args.scale, data)
+    make_rows(2000 * args.scale, data, seed=11)  # the set the README's figures were measured on
     connect(num_cpus=os.cpu_count())
     quiet_data_logs()
     rounds = []

@@ -231,6 +231,9 @@ def test_llama_cpp_decodes_the_tiny_f32_file_as_torch_does_and_chat_takes_it(tin
     print("tokens compared:", compared)
     assert compared >= 12
 
+    for bad in (tmp_path / "missing.gguf", tiny_model_dir / "config.json"):  # no file; a file that is not GGUF
+        refused = repo_python("-m", "lmflow_ray", "chat", "--gguf", str(bad), input="Hello\n")
+        assert refused.returncode == 2 and str(bad) in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     chat = repo_python("-m", "lmflow_ray", "chat", "--gguf", str(path), "--max_new_tokens", "6", input="Hello, how are you?\n")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.startswith("Bot: ") and len(chat.stdout.strip()) > len("Bot:")

@@ -446,9 +446,9 @@ def evaluate(recipe: Recipe, model_name: str | None = None, api_key: Secret | st
     s3 = storage.S3Options.resolve(recipe.storage).to_dict()
     started = time.time()
     if url or is_gguf(recipe.model.model_name_or_path):
-        import openai
-
         if url:
+            import openai
+
             name = model_name or recipe.serve.served_model_name
             api_key = secret(api_key)  # the scoring actors get it as a reference, not in Ray Data's plan
             client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=reveal(api_key) or "none", max_retries=2,

@@ -19,7 +19,7 @@ try {
   const model = await llama.loadModel({modelPath: ggufPath});
   const context = await model.createContext({contextSize: Math.min(Number(contextSize), model.trainContextSize), threads: Number(threads), sequences: 1});
   const sequence = context.getSequence();
-  send({ready: true, context: context.contextSize, vocab: model.fileInfo?.metadata?.tokenizer?.ggml?.tokens?.length ?? null});
+  send({ready: true, context: context.contextSize});
   const lines = createInterface({input: process.stdin, terminal: false});
   for await (const line of lines) {
     if (!line.trim()) continue;

@@ -96,7 +96,12 @@ def gguf_tokenizer(gguf: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     path = Path(gguf)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not path.is_file():
+        raise UserError(f"--gguf: {gguf} is not a file here")
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{gguf}: cannot read a tokenizer from it as GGUF ({str(err).splitlines()[0][:200]})") from None
 
 
 def render(tokenizer: Any, messages: list[dict]) -> str:
