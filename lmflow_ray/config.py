@@ -199,6 +199,31 @@ class StorageSection(_Section):
         return check_endpoint(value) if value else value
 
 
+class SpeculativeConfig(_Section):
+    """Speculative decoding, in vLLM's words (also LMFlow's serve.draft_model / serve.gamma)."""
+
+    method: Literal["ngram", "draft_model"] = Field("ngram", description="ngram = prompt lookup (no draft model); draft_model = a small model with the same tokenizer")
+    num_speculative_tokens: int = Field(5, ge=1, le=32, description="tokens proposed per step (LMFlow's gamma)")
+    prompt_lookup_max: int = Field(3, ge=1, description="ngram: the longest n-gram looked up")
+    prompt_lookup_min: int = Field(1, ge=1, description="ngram: the shortest n-gram looked up")
+    model: str | None = Field(None, description="draft_model: the draft (run, checkpoint, folder, local or s3://)")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_names(cls, value: Any) -> Any:
+        return {"prompt_lookup": "ngram", "draft": "draft_model"}.get(value, value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SpeculativeConfig":
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config: method draft_model needs model (the draft model)")
+        if self.method == "ngram" and self.model:
+            raise ValueError("speculative_config: method ngram uses no model; drop model, or set method: draft_model")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative_config: prompt_lookup_min is above prompt_lookup_max")
+        return self
+
+
 class ServeSection(_Section):
     engine: Literal["auto", "vllm", "transformers"] = Field("auto", description="auto = vLLM where it is installed, else transformers")
     served_model_name: str | None = Field(None, description="empty = the run or folder name (`SmolLM2-135M-Instruct` for default)")
@@ -220,11 +245,35 @@ class ServeSection(_Section):
     cors_allow_origins: list[str] | None = Field(None, description="origins allowed to call the API from a browser; empty = none (CORS off)")
     max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
     vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
+    speculative_config: SpeculativeConfig | None = Field(None, description="speculative decoding (vLLM's names): method ngram | draft_model, num_speculative_tokens, prompt_lookup_max, model")
+    draft_model: str | None = Field(None, description="LMFlow's name: a draft model (run, checkpoint, folder, local or s3://) with the served model's tokenizer; = speculative_config method draft_model")
+    gamma: int | None = Field(None, ge=1, le=32, description="LMFlow's name: tokens the draft proposes per step; = speculative_config.num_speculative_tokens")
 
     @field_validator("cors_allow_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         return _comma_list(value)
+
+    @model_validator(mode="after")
+    def _speculation(self) -> "ServeSection":
+        """LMFlow's draft_model / gamma and vLLM's speculative_config are one setting."""
+        spec = self.speculative_config
+        if self.draft_model is None and self.gamma is None:
+            return self
+        if spec is None:
+            if self.draft_model is None:
+                raise ValueError("serve.gamma: set serve.draft_model (or serve.speculative_config) as well; gamma is "
+                                 "the number of tokens a draft proposes")
+            spec = SpeculativeConfig(method="draft_model", model=self.draft_model)
+        if self.draft_model is not None:
+            if spec.method != "draft_model" or (spec.model not in (None, self.draft_model)):
+                raise ValueError(f"serve.draft_model {self.draft_model!r} and serve.speculative_config "
+                                 f"(method {spec.method}, model {spec.model!r}) disagree; give one of them")
+            spec = spec.model_copy(update={"model": self.draft_model})
+        if self.gamma is not None:
+            spec = spec.model_copy(update={"num_speculative_tokens": self.gamma})
+        object.__setattr__(self, "speculative_config", spec)  # validate_assignment would run this again
+        return self
 
 
 class AlignSection(_Section):
@@ -415,6 +464,24 @@ def canonical_key(key: str, where: str) -> tuple[str, str]:
     raise UserError(f"{where}: {key}: unknown key{suggest(key)}")
 
 
+def mapping_key(key: str, where: str) -> tuple[str, str, list[str]]:
+    """Like canonical_key, and ``serve.speculative_config.method`` / ``speculative_config.method``
+    -> ("serve", "speculative_config", ["method"]) for keys inside a mapping-valued field."""
+    try:
+        return (*canonical_key(key, where), [])
+    except UserError:
+        parts = key.lstrip("-").split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                section, name = canonical_key(".".join(parts[:cut]), where)
+            except UserError:
+                continue
+            annotation = str(SECTIONS[section].model_fields[name].annotation)
+            if "dict" in annotation or "Config" in annotation:
+                return section, name, parts[cut:]
+        raise
+
+
 def _yaml_lines(text: str) -> dict[str, int]:
     """Dotted key -> 1-based line of that key in the YAML text (best effort)."""
     lines: dict[str, int] = {}
@@ -568,8 +635,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             value = preset
         if flag in INVERTED:
             key, value = INVERTED[flag], not _truthy(value, written)
-        section, name = canonical_key(key, f"override '{written}'")
-        nested[section][name] = value
+        section, name, path = mapping_key(key, f"override '{written}'")
+        if path:  # serve.speculative_config.method=ngram: one entry of a mapping
+            holder = nested[section].get(name)
+            holder = dict(holder) if isinstance(holder, dict) else {}
+            nested[section][name], inner = holder, holder
+            for part in path[:-1]:
+                inner[part] = dict(inner[part]) if isinstance(inner.get(part), dict) else {}
+                inner = inner[part]
+            inner[path[-1]] = value
+        else:
+            nested[section][name] = value
         origin[(section, name)] = f"override '{written}'"
 
     try:

@@ -49,7 +49,8 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
             self.engine = TransformersEngine.from_recipe(self.recipe, sources, threads=threads)
             state["describe"] = lambda: {"engine": "transformers", "models": sources.names(),
                                          "prefills": self.engine.batches, "requests": self.engine.rows,
-                                         "joined_running_batch": self.engine.joined}
+                                         "joined_running_batch": self.engine.joined,
+                                         **({"speculative": spec} if (spec := self.engine.speculation()) else {})}
 
         def _adapter(self, model: str) -> str | None:
             if model == self.sources.base_name:

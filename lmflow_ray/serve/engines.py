@@ -126,7 +126,7 @@ class TransformersEngine:
 
     def __init__(self, base_folder: str, adapters: dict[str, str] | None = None, *, conversation_template: str | None = None,
                  dtype: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.01, threads: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, speculative: dict[str, Any] | None = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -158,17 +158,55 @@ class TransformersEngine:
         self.rows = 0  # requests decoded
         self.joined = 0  # requests that joined a batch already running
         self.can_join = True  # caches of plain dynamic layers can be merged
+        self._speculation(speculative or {}, dtype, trust_remote_code)
         self.thread = threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True)
         self.thread.start()
 
+    def _speculation(self, spec: dict[str, Any], dtype: str, trust_remote_code: bool) -> None:
+        """``spec``: method (ngram | draft_model), num_speculative_tokens, prompt_lookup_max /
+        prompt_lookup_min (ngram), draft_folder (draft_model, a local folder)."""
+        from lmflow_ray.serve.speculative import Counters
+
+        self.spec_method = spec.get("method")
+        self.gamma = int(spec.get("num_speculative_tokens") or 0)
+        self.lookup = (int(spec.get("prompt_lookup_max") or 3), int(spec.get("prompt_lookup_min") or 1))
+        self.spec_counters = Counters()
+        self.draft = None
+        if self.spec_method != "draft_model":
+            return
+        import inspect
+
+        from transformers import AutoTokenizer
+
+        from lmflow_ray.model.load import load_for_inference
+
+        folder = spec["draft_folder"]
+        self.draft = load_for_inference(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+        try:
+            theirs = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code).get_vocab()
+        except (OSError, ValueError):
+            theirs = None  # a draft folder without a tokenizer: its vocabulary size must still match
+        if (theirs is not None and theirs != self.tokenizer.get_vocab()) or \
+                self.draft.get_output_embeddings().weight.shape[0] != self.model.get_output_embeddings().weight.shape[0]:
+            raise UserError(f"serve.speculative_config.model: the draft {spec.get('draft_name', folder)!r} has another "
+                            "tokenizer than the served model; a draft must share its vocabulary")
+        self.draft_keeps_logits = "logits_to_keep" in inspect.signature(self.draft.forward).parameters
+
+    def speculation(self) -> dict[str, Any] | None:
+        """Speculation figures (for /health), or None when it is off."""
+        return self.spec_counters.describe(self.spec_method, self.gamma) if self.spec_method else None
+
     @classmethod
     def from_recipe(cls, recipe: Recipe, found: model_sources.Sources, threads: int | None = None) -> "TransformersEngine":
-        """The recipe's model and adapters (downloaded to this node first when remote)."""
+        """The recipe's model and adapters (and draft model) downloaded to this node first when remote."""
         adapters = {name: model_sources.local_folder(uri, found.s3) for name, uri in found.adapters.items()}
+        spec = dict(recipe.serve.speculative_config or {})
+        if found.draft_uri:
+            spec.update(draft_folder=model_sources.local_folder(found.draft_uri, found.s3), draft_name=spec.get("model"))
         return cls(model_sources.local_folder(found.base_uri, found.s3), adapters,
                    conversation_template=recipe.data.conversation_template, dtype=recipe.model.torch_dtype,
                    max_batch_size=recipe.serve.max_batch_size, threads=threads,
-                   trust_remote_code=recipe.model.trust_remote_code)
+                   trust_remote_code=recipe.model.trust_remote_code, speculative=spec)
 
     # ---- the API side (event loop) ----------------------------------------------------------
 
@@ -244,27 +282,38 @@ class TransformersEngine:
             pass
         return [j for j in jobs if j is not None and not j.cancelled], None in jobs
 
-    def _sample(self, logits: Any, job: _Job) -> int:
+    @staticmethod
+    def _probs(logits: Any, s: Sampling) -> Any:
+        """The sampling distribution of one logits row (temperature, then top_p)."""
         import torch
 
-        s = job.sampling
-        if s.temperature < 1e-5:
-            return int(logits.argmax())
         probs = torch.softmax(logits / s.temperature, dim=-1)
         if s.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
             keep[0] = True  # the most likely token always stays (a top_p below float precision)
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=job.generator))
+        return probs
 
-    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[_Job], all_logits: bool = False) -> Any:
-        extra: dict[str, Any] = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if self.adapters else {}
-        if self.keeps_logits and not all_logits:
-            extra["logits_to_keep"] = 1  # a prefill needs the last position's logits only
+    def _sample(self, logits: Any, job: _Job) -> int:
+        import torch
+
+        if job.sampling.temperature < 1e-5:
+            return int(logits.argmax())
+        return int(torch.multinomial(self._probs(logits, job.sampling), 1, generator=job.generator))
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any, jobs: list[_Job], keep: int = 1,
+                 model: Any = None) -> Any:
+        """One forward of the target (or ``model``, the draft); ``keep``: positions whose logits
+        are wanted, counted from the end (0 = all)."""
+        model = model if model is not None else self.model
+        adapters = self.adapters and model is self.model
+        extra: dict[str, Any] = {"adapter_names": [j.adapter or "__base__" for j in jobs]} if adapters else {}
+        if keep and (self.keeps_logits if model is self.model else self.draft_keeps_logits):
+            extra["logits_to_keep"] = keep  # a prefill needs the last position's logits only
         d = self.device
-        return self.model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
-                          past_key_values=cache, use_cache=True, **extra)
+        return model(input_ids=ids.to(d), attention_mask=mask.to(d), position_ids=positions.to(d),
+                     past_key_values=cache, use_cache=True, **extra)
 
     def _take(self, jobs: list[_Job], logits: Any) -> list[int]:
         """Sample one token per row and hand it to its request."""
@@ -294,15 +343,17 @@ class TransformersEngine:
             ids[i, width - len(job.prompt):] = torch.tensor(job.prompt)
             mask[i, width - len(job.prompt):] = 1
         scored = [j.sampling.prompt_logprobs is not None for j in jobs]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None, jobs, all_logits=any(scored))
+            out = self._forward(ids, mask, positions, None, jobs, keep=0 if any(scored) else 1)
+            drafted = self._forward(ids, mask, positions, None, jobs, model=self.draft) if self.draft is not None else None
             for i, job in enumerate(jobs):
                 if scored[i]:  # column c predicts the token in column c + 1
                     n = len(job.prompt)
                     rows = out.logits[i, width - n: width - 1].float().cpu()
                     job.prompt_entries = [None, *_logprob_entries(rows, job.prompt[1:], job.sampling.prompt_logprobs)]
         tokens = self._take(jobs, out.logits[:, -1, :].float().cpu())
-        fresh = _Batch(out.past_key_values, mask, tokens)
+        fresh = _Batch(out.past_key_values, mask, tokens, drafted.past_key_values if drafted is not None else None)
         self.can_join = fresh.flexible()
         if batch is None or not live:
             return jobs, fresh
@@ -318,11 +369,114 @@ class TransformersEngine:
             return [], None
         if len(keep) < len(live) and batch.flexible():
             live, batch = [live[r] for r in keep], batch.select(keep)
+        if self.spec_method and batch.flexible():
+            return live, self._speculate(live, batch)
+        return live, self._plain(live, batch)
+
+    def _plain(self, live: list[_Job], batch: "_Batch") -> "_Batch":
+        """One token for every row."""
+        import torch
+
         mask = torch.cat([batch.mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
         ids = torch.tensor(batch.tokens, dtype=torch.long)[:, None]
+        positions = mask.sum(-1, keepdim=True) - 1
         with torch.inference_mode():
-            out = self._forward(ids, mask, mask.sum(-1, keepdim=True) - 1, batch.cache, live)
-        return live, _Batch(out.past_key_values, mask, self._take(live, out.logits[:, -1, :].float().cpu()))
+            out = self._forward(ids, mask, positions, batch.cache, live)
+            if batch.draft is not None:  # the draft sees every token the target does
+                self._forward(ids, mask, positions, batch.draft, live, model=self.draft)
+        if self.spec_method:
+            self.spec_counters.plain_forwards += 1
+            self.spec_counters.row_steps += len(live)
+            self.spec_counters.emitted += len(live)
+        return _Batch(out.past_key_values, mask, self._take(live, out.logits[:, -1, :].float().cpu()), batch.draft)
+
+    def _proposals(self, live: list[_Job], batch: "_Batch", budgets: list[int]) -> list[list[int]]:
+        """Up to ``budgets[row]`` proposed tokens per row: an n-gram match in the row's prompt and
+        output, or the draft model's greedy tokens (its cache then holds all but the last of them)."""
+        import torch
+
+        from lmflow_ray.serve.speculative import ngram_proposal
+
+        if self.draft is None:
+            return [ngram_proposal(job.prompt + job.tokens, k, *self.lookup) for job, k in zip(live, budgets)]
+        proposals: list[list[int]] = [[] for _ in live]
+        open_rows = [k > 0 for k in budgets]
+        ids = torch.tensor(batch.tokens, dtype=torch.long)[:, None]
+        mask, start = batch.mask, batch.mask.sum(-1, keepdim=True)
+        with torch.inference_mode():
+            for j in range(max(budgets)):
+                if not any(open_rows):
+                    break
+                mask = torch.cat([mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+                out = self._forward(ids, mask, start + j, batch.draft, live, model=self.draft)
+                self.spec_counters.draft_forwards += 1
+                ids = out.logits[:, -1, :].argmax(-1, keepdim=True).cpu()
+                for row, token in enumerate(ids[:, 0].tolist()):
+                    if open_rows[row]:
+                        proposals[row].append(token)
+                        open_rows[row] = len(proposals[row]) < budgets[row] and token not in self.eos_ids
+        return proposals
+
+    def _speculate(self, live: list[_Job], batch: "_Batch") -> "_Batch":
+        """Propose, verify every row's proposals in one target forward, keep what it agrees with."""
+        import torch
+
+        from lmflow_ray.serve.speculative import accept
+
+        width = batch.mask.shape[1]
+        start = batch.mask.sum(-1)  # the position of each row's next token
+        budgets = [max(0, min(self.gamma, job.sampling.max_tokens - len(job.tokens) - 1,
+                              self.context_length - 1 - int(start[row])))
+                   for row, job in enumerate(live)]
+        proposals = self._proposals(live, batch, budgets) if any(budgets) else [[] for _ in live]
+        k = max(len(p) for p in proposals)
+        if k == 0:
+            return self._plain(live, batch)
+        drafted_width = batch.draft_width()  # the draft's cache holds all but the last proposal
+        ids = torch.full((len(live), k + 1), self.pad_id, dtype=torch.long)
+        window = torch.zeros((len(live), k + 1), dtype=torch.long)
+        for row, proposal in enumerate(proposals):
+            ids[row, :1 + len(proposal)] = torch.tensor([batch.tokens[row], *proposal])
+            window[row, :1 + len(proposal)] = 1
+        with torch.inference_mode():
+            out = self._forward(ids, torch.cat([batch.mask, window], dim=1), start[:, None] + torch.arange(k + 1),
+                                batch.cache, live, keep=k + 1)
+        logits = out.logits[:, -(k + 1):, :].float().cpu()
+        counters = self.spec_counters
+        counters.verify_forwards += 1
+        counters.row_steps += len(live)
+        nexts, kept = [], []
+        for row, job in enumerate(live):
+            s = job.sampling
+            pick = None if s.temperature < 1e-5 else (lambda row_logits, s=s: self._probs(row_logits, s))
+            verdict = accept(proposals[row], logits[row], pick, job.generator)
+            counters.drafted += len(proposals[row])
+            counters.accepted += verdict.accepted
+            for i, token in enumerate(verdict.tokens):
+                if job.done:
+                    break
+                if job.cancelled:
+                    job.done = True
+                    break
+                counters.emitted += 1
+                n = s.logprobs
+                job.add(token, None if n is None else _logprob_entries(logits[row, i][None], [token], n)[0])
+            nexts.append(verdict.tokens[-1])
+            kept.append(verdict.accepted)
+        keep_width = width + 1 + max(kept)
+        window = torch.zeros((len(live), 1 + max(kept)), dtype=torch.long)
+        for row, n in enumerate(kept):
+            window[row, :1 + n] = 1
+        mask = torch.cat([batch.mask, window], dim=1)
+        fresh = _Batch(out.past_key_values, mask, nexts, batch.draft)
+        fresh.crop(keep_width)
+        if fresh.draft is not None and drafted_width < keep_width:  # every proposal of some row was kept
+            last = torch.tensor([p[-1] if len(p) == k else self.pad_id for p in proposals], dtype=torch.long)[:, None]
+            with torch.inference_mode():
+                self._forward(last, mask, start[:, None] + k, fresh.draft, live, model=self.draft)
+            self.spec_counters.draft_forwards += 1
+        fresh.compact_if_sparse()
+        return fresh
 
 
 def _logprob_entries(logits: Any, chosen: list[int], k: int) -> list[TokenLogprob]:
@@ -340,23 +494,50 @@ def _logprob_entries(logits: Any, chosen: list[int], k: int) -> list[TokenLogpro
 
 
 class _Batch:
-    """The running batch: its KV cache, its attention mask (as wide as the cache) and the token
-    each row feeds next."""
+    """The running batch: its KV cache (and the draft model's, in the same column layout), its
+    attention mask (as wide as the cache; masked columns are left padding and, with speculation,
+    proposals the target rejected) and the token each row feeds next."""
 
-    def __init__(self, cache: Any, mask: Any, tokens: list[int]):
-        self.cache, self.mask, self.tokens = cache, mask, tokens
+    def __init__(self, cache: Any, mask: Any, tokens: list[int], draft: Any = None):
+        self.cache, self.mask, self.tokens, self.draft = cache, mask, tokens, draft
+
+    def _layers(self) -> list[Any]:
+        return list(self.cache.layers) + (list(self.draft.layers) if self.draft is not None else [])
 
     def flexible(self) -> bool:
         """Rows can be dropped and merged: plain dynamic layers (not sliding-window or static ones)."""
-        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self._layers())
+
+    def draft_width(self) -> int:
+        return self.draft.layers[0].keys.shape[2] if self.draft is not None else 0
 
     def select(self, rows: list[int]) -> "_Batch":
         import torch
 
         index = torch.tensor(rows)
-        for layer in self.cache.layers:
+        for layer in self._layers():
             layer.batch_select_indices(index.to(layer.keys.device))
-        return _Batch(self.cache, self.mask[index], [self.tokens[r] for r in rows])
+        return _Batch(self.cache, self.mask[index], [self.tokens[r] for r in rows], self.draft)
+
+    def crop(self, width: int) -> None:
+        """Keep the first ``width`` columns of the caches (the mask is already that wide)."""
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+
+    def compact_if_sparse(self) -> None:
+        """When most columns are masked (rejected proposals pile up), move every row's live
+        columns to the right end of a narrower cache, so attention stops paying for the holes."""
+        import torch
+
+        live = self.mask.sum(-1)
+        width, need = self.mask.shape[1], int(live.max())
+        if width < 64 or need * 2 > width:
+            return
+        order = torch.sort(self.mask, dim=1, stable=True).indices[:, width - need:]  # masked first, then live in order
+        for layer in self._layers():
+            index = order.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        self.mask = self.mask.gather(1, order)
 
     def merge(self, other: "_Batch") -> "_Batch":
         """Rows of both batches in one: the shorter side is left-padded (masked out) to the same width."""
@@ -372,8 +553,8 @@ class _Batch:
             return F.pad(t, spec)
 
         a, b = width - self.mask.shape[1], width - other.mask.shape[1]
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+        for mine, theirs in zip(self._layers(), other._layers()):
             mine.keys = torch.cat([pad(mine.keys, a, 2), pad(theirs.keys, b, 2)], dim=0)
             mine.values = torch.cat([pad(mine.values, a, 2), pad(theirs.values, b, 2)], dim=0)
         mask = torch.cat([pad(self.mask, a, 1), pad(other.mask, b, 1)])
-        return _Batch(self.cache, mask, self.tokens + other.tokens)
+        return _Batch(self.cache, mask, self.tokens + other.tokens, self.draft)

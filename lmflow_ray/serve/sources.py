@@ -21,6 +21,7 @@ class Sources:
     base_uri: str
     adapters: dict[str, str] = field(default_factory=dict)
     s3: dict | None = None
+    draft_uri: str | None = None  # speculative decoding's draft model
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -43,4 +44,12 @@ def resolve(recipe: Recipe) -> Sources:
         if not is_adapter(adapter_uri, s3):
             raise UserError(f"{key}: {adapter_source!r} is not a LoRA adapter (no adapter_config.json)")
         adapters[f"{base_name}:{name}"] = adapter_uri
-    return Sources(base_name, base_uri, adapters, s3)
+    spec = recipe.serve.speculative_config
+    draft_uri = None
+    if spec is not None and spec.method == "draft_model":
+        key = "serve.draft_model" if recipe.serve.draft_model else "serve.speculative_config.model"
+        draft_uri = exact_uri(spec.model, s3, key)
+        if is_adapter(draft_uri, s3):
+            raise UserError(f"{key}: {spec.model!r} is a LoRA adapter; a draft must be a whole model: merge it first "
+                            f"(lmflow-ray merge --lora_model_path {spec.model} --output_model_path DRAFT)")
+    return Sources(base_name, base_uri, adapters, s3, draft_uri)
