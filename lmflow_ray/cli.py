@@ -1,6 +1,6 @@
 """`lmflow-ray <verb> [RECIPE.yaml] [key=value | --key value ...]`.
 
-Verbs so far: train, eval, merge, export, serve, chat, demo, data (validate / preview / stats), model (prepare-default),
+Verbs so far: train, eval, merge, export, draft, serve, chat, demo, data (validate / preview / stats), model (prepare-default),
 vocab (extend), recipe
 (show the merged recipe). Bad input prints one line per problem and exits with 2, never a traceback.
 """
@@ -308,6 +308,26 @@ def cmd_align(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+# ---- draft ------------------------------------------------------------------------------------
+
+
+def cmd_draft(args: argparse.Namespace, extras: list[str]) -> int:
+    from lmflow_ray.align.draft import run_draft
+    from lmflow_ray.ray_init import connect, quiet_data_logs
+
+    target, overrides = _split(extras)
+    recipe = _recipe(target, overrides)
+    print("starting Ray ...", file=sys.stderr)
+    connect(args.address)
+    quiet_data_logs()
+    result = run_draft(recipe, fresh=args.fresh, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"work folder: {result.work_uri}")
+    print(f"draft model: {result.draft_uri} ({result.layers} of {result.target_layers} decoder blocks, "
+          f"tuned on {result.replies} replies)")
+    print(f"serve with:  lmflow-ray serve {target or 'RECIPE'} draft_model={result.draft_uri}")
+    return 0
+
+
 # ---- demo -------------------------------------------------------------------------------------
 
 
@@ -558,6 +578,12 @@ def _parser() -> argparse.ArgumentParser:
     _address_flag(al)
     al.add_argument("--fresh", action="store_true", help="start over: delete this run_name's work folder first")
     al.set_defaults(func=cmd_align)
+
+    dr = verbs.add_parser("draft", help="a draft model for speculative decoding: the target's first draft_layers "
+                          "blocks tuned on its greedy replies: RECIPE [overrides]", allow_abbrev=False)
+    _address_flag(dr)
+    dr.add_argument("--fresh", action="store_true", help="start over: delete this run_name's work folder first")
+    dr.set_defaults(func=cmd_draft)
 
     d = verbs.add_parser("demo", help="base eval -> LoRA train -> tuned eval -> serve -> ask: [RECIPE] [overrides] "
                          "(default jobs/demo_lora.yaml); a DPO recipe (jobs/demo_dpo.yaml) runs the alignment demo: "

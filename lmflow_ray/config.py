@@ -247,6 +247,7 @@ class ServeSection(_Section):
     vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
     speculative_config: SpeculativeConfig | None = Field(None, description="speculative decoding (vLLM's names): method ngram | draft_model, num_speculative_tokens, prompt_lookup_max, model")
     draft_model: str | None = Field(None, description="LMFlow's name: a draft model (run, checkpoint, folder, local or s3://) with the served model's tokenizer; = speculative_config method draft_model")
+    quantization: Literal["int8", "bnb-4bit", "bnb-8bit"] | None = Field(None, description="weights of the served model: int8 (CPU, torch's dynamic int8 Linear layers), bnb-4bit / bnb-8bit (bitsandbytes; vLLM: bnb-4bit); empty = the model's dtype")
     gamma: int | None = Field(None, ge=1, le=32, description="LMFlow's name: tokens the draft proposes per step; = speculative_config.num_speculative_tokens")
 
     @field_validator("cors_allow_origins", mode="before")
@@ -274,6 +275,14 @@ class ServeSection(_Section):
             spec = spec.model_copy(update={"num_speculative_tokens": self.gamma})
         object.__setattr__(self, "speculative_config", spec)  # validate_assignment would run this again
         return self
+
+
+class DraftSection(_Section):
+    """`lmflow-ray draft`: a draft model for speculative decoding, cut from the target and tuned on its replies."""
+
+    draft_layers: int = Field(4, ge=1, description="decoder blocks of the target the draft keeps (the first ones), with its embeddings and head")
+    draft_prompts: int | None = Field(512, ge=1, description="training prompts the target answers for the draft to learn from; empty = all")
+    draft_max_new_tokens: int | None = Field(None, ge=1, description="the longest target reply; empty = serve.max_new_tokens")
 
 
 class AlignSection(_Section):
@@ -353,6 +362,7 @@ class Recipe(_Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     align: AlignSection = Field(default_factory=AlignSection)
+    draft: DraftSection = Field(default_factory=DraftSection)
 
     @model_validator(mode="after")
     def _lisa_is_full(self) -> "Recipe":

@@ -44,6 +44,7 @@ TEST_SECONDS = {
     "test_full_zero3_offload_checkpoints_and_resumes": 92,
     "test_a_served_endpoint_gives_the_same_answers_as_the_folder": 83,
     "test_lisa_on_ddp_samples_the_same_blocks_on_every_rank_and_frees_state": 57,
+    "test_a_draft_is_cut_from_its_target_tuned_on_its_replies_and_serves_beside_it": 60,
     "test_qlora_trains_a_4bit_base_exports_and_merges": 51,
     "test_vocab_extension_then_rope_scaled_training_past_the_native_context": 50,
     "test_schemathesis_finds_no_server_error": 45,

@@ -177,8 +177,42 @@ def adapters_rope(adapters: dict[str, str]) -> dict:
     return next(iter(found.values()), {})
 
 
+SERVE_QUANTIZATION = ("int8", "bnb-4bit", "bnb-8bit")
+
+
+def _bnb_for_inference(how: str) -> Any:
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"serve.quantization {how}: needs bitsandbytes (pip install bitsandbytes)")
+    if how == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+
+
+def quantize_int8(model: Any) -> Any:
+    """int8 weights for the Linear layers (the head too), activations quantized on the fly: torch's
+    dynamic quantization, a CPU path. LoRA's own small matrices stay in full precision."""
+    import warnings
+
+    import torch
+
+    if torch.cuda.is_available():
+        raise UserError("serve.quantization int8 is the CPU path (torch's dynamic int8); on a GPU use bnb-8bit or bnb-4bit")
+    names = {name for name, m in model.named_modules() if type(m) is torch.nn.Linear and "lora_" not in name}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+        return quantize_dynamic(model, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8)
+
+
 def load_for_inference(base_folder: str, adapters: dict[str, str] | None = None, *, dtype: str = "auto",
-                       trust_remote_code: bool = False, merge: bool = False) -> Any:
+                       trust_remote_code: bool = False, merge: bool = False, quantization: str | None = None) -> Any:
     """The base model from a local folder with LoRA adapters (name -> local folder) on top, in eval
     mode: a PeftModel whose adapters are switched by name, or with ``merge`` one plain model with
     its single adapter merged in. The base gets the RoPE scaling the adapters trained with, so an
@@ -192,8 +226,15 @@ def load_for_inference(base_folder: str, adapters: dict[str, str] | None = None,
     try:
         config = AutoConfig.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
         scale_rope(config, ModelSection(model_name_or_path=base_folder, **rope))
+        extra: dict[str, Any] = {}
+        if quantization in ("bnb-4bit", "bnb-8bit"):
+            import torch
+
+            extra["quantization_config"] = _bnb_for_inference(quantization)
+            if torch.cuda.is_available():
+                extra["device_map"] = {"": torch.cuda.current_device()}
         model = AutoModelForCausalLM.from_pretrained(base_folder, config=config, dtype=inference_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as err:
         raise UserError(f"{base_folder}: cannot load a model ({_first_line(err)})") from None
     if adapters:
@@ -205,6 +246,8 @@ def load_for_inference(base_folder: str, adapters: dict[str, str] | None = None,
             model.load_adapter(folder, adapter_name=name)
         if merge:
             model = model.merge_and_unload()
+    if quantization == "int8":
+        model = quantize_int8(model)
     return model.eval()
 
 

@@ -126,7 +126,8 @@ class TransformersEngine:
 
     def __init__(self, base_folder: str, adapters: dict[str, str] | None = None, *, conversation_template: str | None = None,
                  dtype: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.01, threads: int | None = None,
-                 trust_remote_code: bool = False, speculative: dict[str, Any] | None = None):
+                 trust_remote_code: bool = False, speculative: dict[str, Any] | None = None,
+                 quantization: str | None = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -137,8 +138,10 @@ class TransformersEngine:
             torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(base_folder, trust_remote_code=trust_remote_code)
         self.adapters = list(adapters or {})
-        self.model = load_for_inference(base_folder, adapters, dtype=dtype, trust_remote_code=trust_remote_code)
-        if torch.cuda.is_available():
+        self.quantization = quantization
+        self.model = load_for_inference(base_folder, adapters, dtype=dtype, trust_remote_code=trust_remote_code,
+                                        quantization=quantization)
+        if torch.cuda.is_available() and not quantization:  # bitsandbytes places its model itself
             self.model.to("cuda")
         self.device = next(self.model.parameters()).device
         import inspect
@@ -181,7 +184,9 @@ class TransformersEngine:
         from lmflow_ray.model.load import load_for_inference
 
         folder = spec["draft_folder"]
-        self.draft = load_for_inference(folder, dtype=dtype, trust_remote_code=trust_remote_code).to(self.device)
+        int8 = "int8" if self.quantization == "int8" else None  # a CPU target's draft in int8 too
+        self.draft = load_for_inference(folder, dtype=dtype, trust_remote_code=trust_remote_code, quantization=int8)
+        self.draft.to(self.device)
         try:
             theirs = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code).get_vocab()
         except (OSError, ValueError):
@@ -206,7 +211,8 @@ class TransformersEngine:
         return cls(model_sources.local_folder(found.base_uri, found.s3), adapters,
                    conversation_template=recipe.data.conversation_template, dtype=recipe.model.torch_dtype,
                    max_batch_size=recipe.serve.max_batch_size, threads=threads,
-                   trust_remote_code=recipe.model.trust_remote_code, speculative=spec)
+                   trust_remote_code=recipe.model.trust_remote_code, speculative=spec,
+                   quantization=recipe.serve.quantization)
 
     # ---- the API side (event loop) ----------------------------------------------------------
 

@@ -118,6 +118,19 @@ def _served_app(section: Any, found: model_sources.Sources, no_prompt_logprobs: 
                  fill_max_tokens=True, no_prompt_logprobs=no_prompt_logprobs)
 
 
+def vllm_speculative(spec: Any, found: model_sources.Sources) -> dict[str, Any]:
+    """serve.speculative_config as vLLM's ``speculative_config`` engine argument."""
+    out: dict[str, Any] = {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens}
+    if spec.method == "ngram":
+        out.update(prompt_lookup_max=spec.prompt_lookup_max, prompt_lookup_min=spec.prompt_lookup_min)
+    else:
+        if storage.is_remote(found.draft_uri):
+            raise UserError(f"serve.speculative_config.model: vLLM reads the draft from a folder on each replica's "
+                            f"node, not {found.draft_uri}; give a folder on shared storage, or use engine: transformers")
+        out["model"] = found.draft_uri
+    return out
+
+
 def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], Any]:
     """Checks the recipe against Ray Serve LLM and stages the adapters, without Ray running; returns
     what binds the application, to be called once connected (Ray Serve LLM's deployment options read
@@ -140,6 +153,14 @@ def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], 
     if lora_root:
         engine_kwargs.update(enable_lora=True, max_loras=max(1, len(found.adapters)),
                              max_lora_rank=vllm_max_lora_rank(list(found.adapters.values()), found.s3))
+    if section.quantization == "bnb-4bit":
+        engine_kwargs["quantization"] = "bitsandbytes"  # vLLM's in-flight 4-bit
+    elif section.quantization:
+        raise UserError(f"serve.quantization {section.quantization}: the vLLM engine takes bnb-4bit, or its own methods "
+                        "as vllm_engine_kwargs.quantization (fp8, awq, gptq, ...); int8 and bnb-8bit are for "
+                        "engine: transformers")
+    if section.speculative_config is not None:
+        engine_kwargs["speculative_config"] = vllm_speculative(section.speculative_config, found)
     engine_kwargs.update(section.vllm_engine_kwargs or {})
     options = deployment_options(section)
     server_deployment = {k: v for k, v in options.items() if k in ("num_replicas", "autoscaling_config")}
