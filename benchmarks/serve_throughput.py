@@ -291,6 +291,9 @@ def orders(args) -> dict:
     engine_rows("transformers engine, plain")
     engine_rows("transformers engine, prompt lookup",
                 speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3})
+    engine_rows("transformers engine, prompt lookup + 32 recent replies",
+                speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3,
+                             "lookup_recent_replies": 32})
     if draft:
         engine_rows("transformers engine, draft model",
                     speculative={"method": "draft_model", "num_speculative_tokens": args.gamma, "draft_folder": draft})

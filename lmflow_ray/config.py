@@ -207,6 +207,7 @@ class SpeculativeConfig(_Section):
     prompt_lookup_max: int = Field(3, ge=1, description="ngram: the longest n-gram looked up")
     prompt_lookup_min: int = Field(1, ge=1, description="ngram: the shortest n-gram looked up")
     model: str | None = Field(None, description="draft_model: the draft (run, checkpoint, folder, local or s3://)")
+    lookup_recent_replies: int = Field(0, ge=0, le=1024, description="ngram, transformers engine: also look in this many recent replies (per adapter) where the request itself has no match; they shape only proposals and so speed, which other clients could time")
 
     @field_validator("method", mode="before")
     @classmethod

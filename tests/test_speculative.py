@@ -24,6 +24,15 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram(seq, k, expected):
     assert ngram_proposal(seq, k, max_n=3) == expected
 
 
+def test_prompt_lookup_falls_back_to_recent_replies():
+    from lmflow_ray.serve.speculative import ngram_proposal
+
+    recent = [[40, 41, 42], [9, 50, 51, 52]]  # newest first
+    assert ngram_proposal([1, 2, 9], 3, max_n=2, recent=recent) == [50, 51, 52]
+    assert ngram_proposal([9, 7, 1, 9], 2, max_n=2, recent=recent) == [7, 1]  # the request's own match first
+    assert ngram_proposal([1, 2, 3], 2, max_n=2, recent=recent) == []
+
+
 def test_greedy_acceptance_keeps_the_agreeing_prefix_and_the_targets_token():
     import torch
 
@@ -78,7 +87,8 @@ PROMPTS = ["Please convert the date to ISO format: 2024-01-31. Thanks! You are",
 def test_speculation_gives_plain_greedy_tokens_in_a_running_batch(method, tiny_model_dir, support_adapter, draft_dir):
     from lmflow_ray.serve.engines import Sampling, TransformersEngine
 
-    spec = {"method": method, "num_speculative_tokens": 4, "draft_folder": draft_dir if method == "draft_model" else None}
+    spec = {"method": method, "num_speculative_tokens": 4, "draft_folder": draft_dir if method == "draft_model" else None,
+            "lookup_recent_replies": 8 if method == "ngram" else 0}
     engine = TransformersEngine(str(tiny_model_dir), {"tiny:support": str(support_adapter)}, threads=1, speculative=spec)
     ids = [engine.encode_text(p) for p in PROMPTS]
     plan = [(ids[0], None, 150), (ids[1], "tiny:support", 40), (ids[2], None, 60)]
@@ -170,3 +180,29 @@ def test_compacting_a_sparse_cache_changes_no_logits(tiny_model_dir):
             logits.append(model(input_ids=torch.tensor([[5], [6]]), attention_mask=step_mask,
                                 position_ids=mask.sum(-1, keepdim=True), past_key_values=batch.cache).logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
+def test_recipe_keys_become_vllms_speculative_config(tmp_path):
+    from lmflow_ray.config import load_recipe
+    from lmflow_ray.errors import UserError
+    from lmflow_ray.serve.sources import Sources
+    from lmflow_ray.serve.vllm_app import vllm_speculative
+
+    found = Sources("m", "default")
+    spec = load_recipe(None, ["speculative_config.method=ngram", "speculative_config.prompt_lookup_max=4"]).serve.speculative_config
+    assert vllm_speculative(spec, found) == {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
+                                             "prompt_lookup_min": 1}
+    serve = load_recipe(None, [f"draft_model={tmp_path}", "gamma=3"]).serve  # LMFlow's names
+    assert (serve.speculative_config.method, serve.speculative_config.num_speculative_tokens) == ("draft_model", 3)
+    assert vllm_speculative(serve.speculative_config, Sources("m", "default", draft_uri=str(tmp_path))) == {
+        "method": "draft_model", "num_speculative_tokens": 3, "model": str(tmp_path)}
+    with pytest.raises(UserError, match="folder on each replica"):
+        vllm_speculative(serve.speculative_config, Sources("m", "default", draft_uri="s3://b/draft"))
+    recent = load_recipe(None, ["speculative_config.lookup_recent_replies=8"]).serve.speculative_config
+    with pytest.raises(UserError, match="transformers engine"):
+        vllm_speculative(recent, found)
+    for bad, message in [(["gamma=3"], "set serve.draft_model"),
+                         (["speculative_config.method=draft_model"], "needs model"),
+                         ([f"draft_model={tmp_path}", "speculative_config.method=ngram"], "disagree")]:
+        with pytest.raises(UserError, match=message):
+            load_recipe(None, bad)

@@ -11,6 +11,7 @@ error bodies, page) and are chosen by ``choose_engine``:
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.util
 import queue
 import threading
@@ -77,6 +78,7 @@ class _Job:
         self.sent = 0  # characters of the text already sent
         self.done = False
         self.cancelled = False
+        self.remembered = False  # among the engine's recent replies (prompt lookup)
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.holdback = max((len(s) for s in sampling.stops), default=1) - 1
         self.entries: list[TokenLogprob] = []  # log-probs of the sampled tokens, when asked for
@@ -173,6 +175,9 @@ class TransformersEngine:
         self.spec_method = spec.get("method")
         self.gamma = int(spec.get("num_speculative_tokens") or 0)
         self.lookup = (int(spec.get("prompt_lookup_max") or 3), int(spec.get("prompt_lookup_min") or 1))
+        # Replies of finished requests, newest first, per adapter: prompt lookup's second source.
+        self.recent: dict[str | None, collections.deque] = collections.defaultdict(
+            lambda: collections.deque(maxlen=int(spec.get("lookup_recent_replies") or 0)))
         self.spec_counters = Counters()
         self.draft = None
         if self.spec_method != "draft_model":
@@ -371,6 +376,11 @@ class TransformersEngine:
         import torch
 
         keep = [row for row, job in enumerate(live) if not job.done]
+        if self.spec_method == "ngram":
+            for job in live:
+                if job.done and not job.cancelled and job.tokens and not job.remembered:
+                    job.remembered = True  # a cache that cannot drop rows keeps finished ones a while
+                    self.recent[job.adapter].appendleft(job.tokens)
         if not keep:
             return [], None
         if len(keep) < len(live) and batch.flexible():
@@ -404,7 +414,8 @@ class TransformersEngine:
         from lmflow_ray.serve.speculative import ngram_proposal
 
         if self.draft is None:
-            return [ngram_proposal(job.prompt + job.tokens, k, *self.lookup) for job, k in zip(live, budgets)]
+            return [ngram_proposal(job.prompt + job.tokens, k, *self.lookup, recent=self.recent[job.adapter])
+                    for job, k in zip(live, budgets)]
         proposals: list[list[int]] = [[] for _ in live]
         open_rows = [k > 0 for k in budgets]
         ids = torch.tensor(batch.tokens, dtype=torch.long)[:, None]

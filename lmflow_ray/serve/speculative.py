@@ -10,23 +10,39 @@ target's distribution. The pieces here are pure (no engine state), so they are t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
-def ngram_proposal(seq: list[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
+def _follow(source: list[int], tail: list[int], k: int, stop: int) -> list[int]:
+    """The ``k`` tokens after the earliest occurrence of ``tail`` in ``source`` starting before ``stop``."""
+    n, first = len(tail), tail[0]
+    for start in range(0, stop):
+        if source[start] == first and source[start:start + n] == tail:
+            follow = source[start + n:start + n + k]
+            if follow:
+                return follow
+    return []
+
+
+def ngram_proposal(seq: list[int], k: int, max_n: int = 3, min_n: int = 1,
+                   recent: Iterable[list[int]] = ()) -> list[int]:
     """Prompt lookup: the ``k`` tokens that followed the earliest earlier occurrence of the
-    sequence's last n tokens, trying the longest n first (``max_n`` down to ``min_n``)."""
+    sequence's last n tokens, trying the longest n first (``max_n`` down to ``min_n``). Where the
+    sequence itself has no match, ``recent`` replies (newest first) are looked in the same way."""
     if k <= 0:
         return []
     size = len(seq)
-    for n in range(min(max_n, size - 1), min_n - 1, -1):
-        tail = seq[size - n:]
-        first = tail[0]
-        for start in range(0, size - n):
-            if seq[start] == first and seq[start:start + n] == tail:
-                follow = seq[start + n:start + n + k]
-                if follow:
-                    return follow
+    lengths = range(min(max_n, size - 1), min_n - 1, -1)
+    for n in lengths:
+        follow = _follow(seq, seq[size - n:], k, size - n)
+        if follow:
+            return follow
+    recent = list(recent)
+    for n in lengths:
+        for reply in recent:
+            follow = _follow(reply, seq[size - n:], k, len(reply) - n)
+            if follow:
+                return follow
     return []
 
 

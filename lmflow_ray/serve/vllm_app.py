@@ -120,6 +120,9 @@ def _served_app(section: Any, found: model_sources.Sources, no_prompt_logprobs: 
 
 def vllm_speculative(spec: Any, found: model_sources.Sources) -> dict[str, Any]:
     """serve.speculative_config as vLLM's ``speculative_config`` engine argument."""
+    if spec.lookup_recent_replies:
+        raise UserError("serve.speculative_config.lookup_recent_replies: the transformers engine's; vLLM's ngram "
+                        "looks in the request only (leave it out, or use engine: transformers)")
     out: dict[str, Any] = {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens}
     if spec.method == "ngram":
         out.update(prompt_lookup_max=spec.prompt_lookup_max, prompt_lookup_min=spec.prompt_lookup_min)
