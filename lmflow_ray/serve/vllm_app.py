@@ -118,6 +118,17 @@ def _served_app(section: Any, found: model_sources.Sources, no_prompt_logprobs: 
                  fill_max_tokens=True, no_prompt_logprobs=no_prompt_logprobs)
 
 
+def vllm_quantization(how: str | None) -> dict[str, Any]:
+    """serve.quantization as vLLM engine arguments."""
+    if how == "bnb-4bit":
+        return {"quantization": "bitsandbytes"}  # vLLM's in-flight 4-bit
+    if how:
+        raise UserError(f"serve.quantization {how}: the vLLM engine takes bnb-4bit, or its own methods as "
+                        "vllm_engine_kwargs.quantization (fp8, awq, gptq, ...); int8 and bnb-8bit are for "
+                        "engine: transformers")
+    return {}
+
+
 def vllm_speculative(spec: Any, found: model_sources.Sources) -> dict[str, Any]:
     """serve.speculative_config as vLLM's ``speculative_config`` engine argument."""
     if spec.lookup_recent_replies:
@@ -156,12 +167,7 @@ def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], 
     if lora_root:
         engine_kwargs.update(enable_lora=True, max_loras=max(1, len(found.adapters)),
                              max_lora_rank=vllm_max_lora_rank(list(found.adapters.values()), found.s3))
-    if section.quantization == "bnb-4bit":
-        engine_kwargs["quantization"] = "bitsandbytes"  # vLLM's in-flight 4-bit
-    elif section.quantization:
-        raise UserError(f"serve.quantization {section.quantization}: the vLLM engine takes bnb-4bit, or its own methods "
-                        "as vllm_engine_kwargs.quantization (fp8, awq, gptq, ...); int8 and bnb-8bit are for "
-                        "engine: transformers")
+    engine_kwargs.update(vllm_quantization(section.quantization))
     if section.speculative_config is not None:
         engine_kwargs["speculative_config"] = vllm_speculative(section.speculative_config, found)
     engine_kwargs.update(section.vllm_engine_kwargs or {})
