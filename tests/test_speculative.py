@@ -28,7 +28,7 @@ def test_prompt_lookup_falls_back_to_recent_replies():
     from lmflow_ray.serve.speculative import ngram_proposal
 
     recent = [[40, 41, 42], [9, 50, 51, 52]]  # newest first
-    assert ngram_proposal([1, 2, 9], 3, max_n=2, recent=recent) == [50, 51, 52]
+    assert ngram_proposal([1, 2, 9], 3, max_n=2, recent=recent) == [50, 51]  # a 1-gram match: 2 tokens at most
     assert ngram_proposal([9, 7, 1, 9], 2, max_n=2, recent=recent) == [7, 1]  # the request's own match first
     assert ngram_proposal([1, 2, 3], 2, max_n=2, recent=recent) == []
 

@@ -28,7 +28,9 @@ def ngram_proposal(seq: list[int], k: int, max_n: int = 3, min_n: int = 1,
                    recent: Iterable[list[int]] = ()) -> list[int]:
     """Prompt lookup: the ``k`` tokens that followed the earliest earlier occurrence of the
     sequence's last n tokens, trying the longest n first (``max_n`` down to ``min_n``). Where the
-    sequence itself has no match, ``recent`` replies (newest first) are looked in the same way."""
+    sequence itself has no match, ``recent`` replies (newest first) are looked in the same way, for
+    at most n + 1 tokens: another request's reply shares the form of this one (a template's
+    `ORD-`), rarely its particulars, and a rejected proposal costs verify time."""
     if k <= 0:
         return []
     size = len(seq)
@@ -40,7 +42,7 @@ def ngram_proposal(seq: list[int], k: int, max_n: int = 3, min_n: int = 1,
     recent = list(recent)
     for n in lengths:
         for reply in recent:
-            follow = _follow(reply, seq[size - n:], k, len(reply) - n)
+            follow = _follow(reply, seq[size - n:], min(k, n + 1), len(reply) - n)
             if follow:
                 return follow
     return []
