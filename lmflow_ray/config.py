@@ -245,6 +245,8 @@ class ServeSection(_Section):
     max_stop_chars: int = Field(256, ge=1, description="the longest stop string accepted")
     cors_allow_origins: list[str] | None = Field(None, description="origins allowed to call the API from a browser; empty = none (CORS off)")
     max_batch_size: int = Field(8, ge=1, description="transformers engine: requests decoded together")
+    enable_prefix_caching: bool = Field(True, description="vLLM's name: a prompt that begins like a recent one (the same system prompt, an earlier turn) prefills only the rest; the transformers engine keeps recent prompts' KV per adapter")
+    prefix_cache_tokens: int = Field(4096, ge=0, description="transformers engine: the most prompt tokens whose KV the prefix cache keeps (per replica; least recently used dropped first)")
     vllm_engine_kwargs: dict[str, Any] | None = Field(None, description="extra vLLM engine arguments (tensor_parallel_size, max_model_len, ...)")
     speculative_config: SpeculativeConfig | None = Field(None, description="speculative decoding (vLLM's names): method ngram | draft_model, num_speculative_tokens, prompt_lookup_max, model")
     draft_model: str | None = Field(None, description="LMFlow's name: a draft model (run, checkpoint, folder, local or s3://) with the served model's tokenizer; = speculative_config method draft_model")

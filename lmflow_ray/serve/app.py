@@ -50,7 +50,8 @@ def _transformers_deployment(recipe: Recipe, sources: model_sources.Sources) -> 
             state["describe"] = lambda: {"engine": "transformers", "models": sources.names(),
                                          "prefills": self.engine.batches, "requests": self.engine.rows,
                                          "joined_running_batch": self.engine.joined,
-                                         **({"speculative": spec} if (spec := self.engine.speculation()) else {})}
+                                         **({"speculative": spec} if (spec := self.engine.speculation()) else {}),
+                                         **({"prefix_cache": pc} if (pc := self.engine.prefix_caching()) else {})}
 
         def _adapter(self, model: str) -> str | None:
             if model == self.sources.base_name:

