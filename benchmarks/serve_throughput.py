@@ -32,6 +32,7 @@ is one batched generate call over 8 left-padded prompts. Tokens are counted from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -184,6 +185,14 @@ def _weights_mib(model) -> float:
     return round(total / 2**20, 1)
 
 
+def _share_reused(before: dict | None, after: dict | None) -> float:
+    """The share of prompt tokens the prefix cache supplied between two of its figures."""
+    if not after:
+        return 0
+    prompt = after["prompt_tokens"] - before["prompt_tokens"]
+    return round((after["reused_prompt_tokens"] - before["reused_prompt_tokens"]) / prompt, 3) if prompt else 0
+
+
 def _cpu_flags() -> set[str]:
     try:
         return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
@@ -248,19 +257,20 @@ def orders(args) -> dict:
 
         asyncio.run(engine.complete(ids[0], Sampling(max_tokens=4, temperature=0)))  # warm-up
         for concurrency in (1, 8):
-            before = engine.speculation()
+            before, cached_before = dataclasses.replace(engine.spec_counters), engine.prefix_caching()
             started = time.perf_counter()
             done = asyncio.run(run(concurrency))
             wall = time.perf_counter() - started
             texts = [t for _, t in done]
-            spec, cached = engine.speculation(), engine.prefix_caching()
+            spec, cached = engine.spec_counters, engine.prefix_caching()
             extra = {"weights_mib": _weights_mib(engine.model) + (_weights_mib(engine.draft) if engine.draft is not None else 0),
                      "dtype": "int8" if kwargs.get("quantization") else dtype,
-                     "prefix_reused": round(cached["reused_prompt_tokens"] / cached["prompt_tokens"], 3) if cached else 0}
-            if spec:
-                d = {k: spec[k] - (before or {}).get(k, 0) for k in ("drafted_tokens", "accepted_tokens")}
-                extra.update(acceptance_rate=round(d["accepted_tokens"] / d["drafted_tokens"], 4) if d["drafted_tokens"] else None,
-                             tokens_per_target_forward=spec["tokens_per_target_forward"])
+                     "prefix_reused": _share_reused(cached_before, cached)}
+            if engine.spec_method:  # this concurrency's own figures, not the warm-up's or the last run's
+                drafted, accepted = spec.drafted - before.drafted, spec.accepted - before.accepted
+                steps = spec.row_steps - before.row_steps
+                extra.update(acceptance_rate=round(accepted / drafted, 4) if drafted else None,
+                             tokens_per_target_forward=round((spec.emitted - before.emitted) / steps, 3) if steps else None)
             row(name, concurrency, [r for r, _ in done], wall, texts, extra)
         engine.close()
 
@@ -338,7 +348,8 @@ def orders(args) -> dict:
             {"weights_mib": round(gguf.stat().st_size / 2**20, 1), "dtype": "q8_0"})
     finally:
         runner.close()
-    plain = {(r["dtype"], r["concurrency"]): a for r, a in zip(rows, answers) if r["engine"].startswith("transformers engine, plain")}
+    plain = {(r["dtype"], r["concurrency"]): a for r, a in zip(rows, answers)
+             if r["engine"].startswith("transformers engine, plain") and "no prefix cache" not in r["engine"]}
     for r, texts in zip(rows, answers):  # against plain decoding of the same weights (int8 and llama.cpp: fp32's)
         reference = plain.get((r["dtype"], r["concurrency"])) or plain.get(("float32", r["concurrency"]), plain[("float32", 1)])
         r["same_as_plain"] = round(sum(a == b for a, b in zip(texts, reference)) / len(texts), 4)

@@ -88,7 +88,7 @@ def test_shared_prefixes_are_reused_with_the_same_greedy_tokens(method, tiny_mod
             (ids[2], None, 12)]
 
     async def run():
-        warm = await engine.complete(ids[3], Sampling(max_tokens=2, temperature=0), "tiny:support")
+        await engine.complete(ids[3], Sampling(max_tokens=2, temperature=0), "tiny:support")  # the adapter's cache
         first = engine.stream(plan[0][0], Sampling(max_tokens=40, temperature=0))
         pieces = [await first.__anext__() for _ in range(2)]  # a running batch that the others join
         others = [asyncio.ensure_future(engine.complete(i, Sampling(max_tokens=n, temperature=0, logprobs=0), a))
@@ -97,10 +97,10 @@ def test_shared_prefixes_are_reused_with_the_same_greedy_tokens(method, tiny_mod
         # a request asking for its prompt's log-probs is prefilled whole, beside a cached one
         scored = await engine.complete(ids[1], Sampling(max_tokens=1, temperature=0, prompt_logprobs=0))
         done = await asyncio.gather(*others)
-        return warm, ["".join(p.text for p in pieces), *[d.text for d in done]], done, scored
+        return ["".join(p.text for p in pieces), *[d.text for d in done]], done, scored
 
     try:
-        warm, texts, done, scored = asyncio.run(run())
+        texts, done, scored = asyncio.run(run())
     finally:
         engine.close()
     assert engine.joined >= 1
@@ -114,6 +114,6 @@ def test_shared_prefixes_are_reused_with_the_same_greedy_tokens(method, tiny_mod
         assert max(abs(a - b) for (_, a, _), b in zip(piece.logprobs, expected)) < 2e-5, (method, adapter)
     assert len(scored.prompt_logprobs) == len(ids[1]) and scored.prompt_logprobs[0] is None
     figures = engine.prefix_caching()
-    shared = len(engine.encode_text(SYSTEM)) - 2
+    shared = len(engine.encode_text(SYSTEM)) - 2  # its last tokens may merge with what follows
     assert figures["hits"] >= 3, figures  # the system prompt of the base rows (the adapter's own once warm)
     assert figures["reused_prompt_tokens"] >= 3 * shared, figures
